@@ -1,0 +1,105 @@
+"""`fedlora run | methods`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from rich.console import Console  # noqa: E402
+from rich.logging import RichHandler  # noqa: E402
+
+from fedlora.config import ConfigError, load_config, packaged_config  # noqa: E402
+
+console = Console(stderr=True)
+log = logging.getLogger("fedlora")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileExistsError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedlora.data import DataError
+    from fedlora.methods import MethodError
+    from fedlora.model.assets import AssetError
+
+    return (*USER_ERRORS, DataError, MethodError, AssetError)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedlora.report.table import summary_table
+    from fedlora.sim.experiment import prepare
+    from fedlora.sim.federation import Simulation
+    from fedlora.sim.progress import rich_hooks
+    from fedlora.sim.run_dir import RunDir, default_run_dir, summarize
+    from fedlora.model.export import save_adapter
+
+    config_path = args.config or packaged_config("default")
+    cfg = load_config(config_path, args.overrides)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    exp = prepare(cfg)
+    run = RunDir(Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.federation.method))
+    run.write_config(cfg)
+    run.write_partition(exp.partition_info)
+    log.info("run folder: %s", run.path)
+    with rich_hooks(console, cfg) as hooks:
+        Simulation(exp, hooks).run(run.record)
+    if cfg.output.save_final:
+        rank = save_adapter(exp.host, exp.method.global_delta(), cfg.lora.target_modules, run.path / "final", str(exp.model_dir))
+        log.info("final global adapter (rank %d, exact) in %s", rank, run.path / "final")
+    summary = summarize(run.read_metrics(), time.perf_counter() - t0)
+    summary["run_dir"] = str(run.path)
+    run.write_summary(summary)
+    Console().print(summary_table(summary, cfg.client_ranks()))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedlora.methods import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        print(f"{name:12s} {cls.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated experiment in one process")
+    run.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
+    run.set_defaults(func=cmd_run)
+    methods = sub.add_parser("methods", help="list the aggregation methods")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `fedlora run key=value` with the default config
+        args.config = None
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    for noisy in ("transformers", "peft", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""One typed, validated config: a YAML file plus dotted ``key=value`` overrides.
+
+Every field says what it is for; an unknown key, a wrong type or an impossible combination
+fails before any work with one line that names the setting, the bad value and what is
+accepted (style.md lesson 5).
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message is one line naming the setting, the value and what is accepted."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    path: str | None = Field(None, description="Local HF model folder; empty = the embedded SmolLM2-135M-Instruct.")
+    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained for.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
+
+
+class LoraCfg(Section):
+    ranks: list[int] | None = Field(None, description="One LoRA rank per client (heterogeneous).")
+    rank: int | None = Field(None, description="One rank for all clients; overrides ranks.")
+    scale: float | list[float] = Field(2.0, description="s = lora_alpha / r; a list gives each client its own s_k.")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Linear layers that get LoRA.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+
+    @field_validator("ranks", "target_modules", "scale", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str) and "," in v:
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"must be positive integers, got {v}")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+
+class DataCfg(Section):
+    source: str = Field("chatterbot", description="'chatterbot' (built in) or a local .json/.jsonl file (Alpaca, Dolly, messages).")
+    language: str = Field("english", description="chatterbot language folder.")
+    partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="How examples are dealt to clients.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    by: Literal["category"] = Field("category", description="Field the Dirichlet split skews.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data held out for its test split.")
+    global_test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of all data held out as the global test split.")
+    max_examples: int | None = Field(None, ge=1, description="Seeded subset of the source (None = all).")
+
+
+class FederationCfg(Section):
+    method: str = Field("flora", description="Aggregation method (see `fedlora methods`).")
+    rounds: int = Field(3, ge=1, description="Communication rounds.")
+    num_clients: int = Field(10, ge=1, description="Number of clients.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
+    min_clients: int = Field(1, ge=1, description="At least this many clients per round.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Method options, e.g. weights: uniform.")
+
+
+class TrainCfg(Section):
+    local_steps: int = Field(4, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass (gradient accumulation).")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated).")
+
+
+class EvalCfg(Section):
+    every: int = Field(1, ge=1, description="Evaluate every N rounds (and always after the last).")
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(64, ge=1, description="Cap on each test split (None = all).")
+
+
+class OutputCfg(Section):
+    dir: str | None = Field(None, description="Run folder; default runs/<timestamp>-<method>.")
+    save_final: bool = Field(True, description="Write the final global weights/adapter under final/.")
+
+
+class Config(Section):
+    seed: int = Field(0, description="Seeds data splits, sampling, init and batching.")
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    federation: FederationCfg = Field(default_factory=FederationCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    output: OutputCfg = Field(default_factory=OutputCfg)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        n = self.federation.num_clients
+        if self.lora.rank is None and self.lora.ranks is None:
+            raise ValueError("lora: set lora.ranks (one per client) or lora.rank (all clients)")
+        if self.lora.rank is None and len(self.lora.ranks) != n:
+            raise ValueError(f"lora.ranks: {len(self.lora.ranks)} ranks {self.lora.ranks} for federation.num_clients={n} (accepted: exactly {n} ranks, or lora.rank=R)")
+        if isinstance(self.lora.scale, list) and len(self.lora.scale) != n:
+            raise ValueError(f"lora.scale: {len(self.lora.scale)} scales for federation.num_clients={n} (accepted: one number, or exactly {n})")
+        if self.federation.min_clients > n:
+            raise ValueError(f"federation.min_clients: {self.federation.min_clients} > federation.num_clients={n}")
+        if self.train.micro_batch_size > self.train.batch_size:
+            raise ValueError(f"train.micro_batch_size: {self.train.micro_batch_size} > train.batch_size={self.train.batch_size}")
+        return self
+
+    def client_ranks(self) -> list[int]:
+        n = self.federation.num_clients
+        return [self.lora.rank] * n if self.lora.rank is not None else list(self.lora.ranks)
+
+    def client_scales(self) -> list[float]:
+        s = self.lora.scale
+        return [float(x) for x in s] if isinstance(s, list) else [float(s)] * self.federation.num_clients
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (`default`, `tiny`)."""
+    return Path(str(files("fedlora") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (default: the packaged default.yaml) + ``key=value`` overrides → validated Config."""
+    path = Path(path) if path else packaged_config("default")
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path} (accepted: a YAML file, or no argument for the default)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides or [])
+
+
+def build_config(raw: dict[str, Any], overrides: list[str]) -> Config:
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``a.b.c=value``: the value is parsed as YAML (numbers, lists, null); lora.rank and lora.ranks replace each other."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override: {item!r} is not key=value (accepted: e.g. federation.rounds=5)")
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override: {key} — {p!r} is not a section")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node[parts[-1]] = parsed
+    if parts[:1] == ["lora"] and parts[-1] in ("rank", "ranks") and len(parts) == 2:
+        node.pop("ranks" if parts[-1] == "rank" else "rank", None)
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        section = ".".join(str(p) for p in err["loc"][:-1]) or "top level"
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"{loc}: unknown setting (accepted in {section}: {', '.join(allowed)})"
+    if kind == "value_error":
+        text = msg.removeprefix("Value error, ")
+        return text if not loc else f"{loc}: {text}"
+    return f"{loc or 'config'}: {msg.lower()}, got {value!r}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for p in loc:
+        ann = model.model_fields[str(p)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,31 @@
+"""Aggregation methods, looked up by name in one explicit registry."""
+
+from __future__ import annotations
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
+from fedlora.methods.errors import MethodError
+from fedlora.methods.fedit import FedIT
+from fedlora.methods.flora import FLoRA
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Add a method class under its ``name``; a duplicate name is a programming error."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (FedIT, FLoRA):
+    register(_cls)
+
+
+def build_method(name: str, setup: Setup) -> Method:
+    if name not in REGISTRY:
+        raise MethodError(f"federation.method: unknown value {name!r} (accepted: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name](setup)
+
+
+__all__ = ["REGISTRY", "ClientPlan", "ClientUpdate", "Delta", "Factors", "Method", "MethodError", "Setup", "build_method", "register"]

@@ -1,0 +1,51 @@
+"""FedIT: FedAvg on the LoRA factors (Zhang et al., 2024), the homogeneous-rank baseline.
+
+B̄ = Σ p_k B_k, Ā = Σ p_k A_k; the global update is s·B̄Ā. Not exact: the product of means
+differs from the mean of products by Σ p_k (B_k − B̄)(A_k − Ā) (methods.md §1). Needs one
+rank and one scale for every client.
+"""
+
+from __future__ import annotations
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator, weighted_mean
+from fedlora.methods.errors import MethodError
+
+import torch
+
+
+class FedIT:
+    name = "fedit"
+    summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
+
+    def __init__(self, setup: Setup) -> None:
+        ranks, scales = set(setup.ranks.values()), set(setup.scales.values())
+        if len(ranks) != 1:
+            raise MethodError(
+                f"federation.method: 'fedit' needs one rank for every client, got lora.ranks={sorted(setup.ranks.values())} "
+                "(accepted: lora.rank=R, or a heterogeneous method: flora, zeropad, hetlora, flexlora, fedplora)"
+            )
+        if len(scales) != 1:
+            raise MethodError(f"federation.method: 'fedit' needs one lora.scale for every client, got {sorted(scales)}")
+        self.rank, self.scale = ranks.pop(), scales.pop()
+        gen = seeded_generator(setup.seed, 0)
+        self.factors: dict[str, Factors] = {
+            name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
+            for name, (d_out, d_in) in setup.layers.items()
+        }
+
+    def plan(self, client: int, round: int) -> ClientPlan:
+        init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
+        return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        self.factors = {
+            name: Factors(
+                B=weighted_mean([u.factors[name].B for u in updates], weights),
+                A=weighted_mean([u.factors[name].A for u in updates], weights),
+            )
+            for name in self.factors
+        }
+
+    def global_delta(self) -> Delta:
+        return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

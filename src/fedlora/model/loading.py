@@ -1,0 +1,68 @@
+"""Load a causal LM and its tokenizer from a local folder; pick device and dtype."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto`: CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA (where supported), float32 on CPU."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[requested]
+
+
+def resolve_model_dir(path: str | None) -> Path:
+    """The user's local folder, or the embedded SmolLM2 (converted once into the cache)."""
+    if path:
+        return Path(path).expanduser()
+    from fedlora.model.assets import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """Model (eval mode, all weights frozen) and tokenizer with a pad token, from local files only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def target_layer_shapes(model: torch.nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear whose last name component is a target: name → (d_out, d_in)."""
+    shapes = {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    return shapes
+
+
+def meta_layer_shapes(model_dir: Path, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Layer shapes from config.json alone (meta device, no weights read): validates ranks fast."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return target_layer_shapes(model, target_modules)

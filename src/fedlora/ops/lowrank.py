@@ -1,0 +1,140 @@
+"""Pure tensor math on low-rank factors: tensors in, tensors out.
+
+Conventions (methods.md §0): for one adapted linear layer with weight W (d_out × d_in),
+a low-rank term is a pair (B, A) with B: (d_out × r) and A: (r × d_in) whose product B @ A
+is added to W. Any scale is already folded into the pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank weight delta ``B @ A``; B: (d_out, r), A: (r, d_in), scale folded in."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.B.dim() == 2 and self.A.dim() == 2, "factors must be matrices"
+        assert self.B.shape[1] == self.A.shape[0], f"rank mismatch: B {tuple(self.B.shape)} A {tuple(self.A.shape)}"
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def scaled(self, c: float) -> "LowRank":
+        return LowRank(self.B * c, self.A)
+
+    def to(self, dtype: torch.dtype) -> "LowRank":
+        return LowRank(self.B.to(dtype), self.A.to(dtype))
+
+
+def stack(terms: Sequence[LowRank]) -> LowRank:
+    """One pair whose product is the sum of the terms' products: [B_1 … B_K] @ [A_1; …; A_K]."""
+    assert terms, "stack needs at least one term"
+    return LowRank(torch.cat([t.B for t in terms], dim=1), torch.cat([t.A for t in terms], dim=0))
+
+
+def pad(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad B with columns and A with rows up to ``rank``; the product is unchanged."""
+    r = A.shape[0]
+    assert r <= rank, f"cannot pad rank {r} down to {rank}"
+    B_p = torch.zeros(B.shape[0], rank, dtype=B.dtype, device=B.device)
+    A_p = torch.zeros(rank, A.shape[1], dtype=A.dtype, device=A.device)
+    B_p[:, :r] = B
+    A_p[:r] = A
+    return B_p, A_p
+
+
+def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``rank`` components: (B[:, :rank], A[:rank])."""
+    return B[:, :rank].clone(), A[:rank].clone()
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_k T_k for same-shaped tensors."""
+    assert len(tensors) == len(weights) and tensors, "one weight per tensor"
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights):
+        out = out + float(w) * t
+    return out
+
+
+def frob_norm(terms: Sequence[LowRank]) -> float:
+    """‖Σ_i B_i A_i‖_F without forming the dense d_out × d_in sum (methods.md §2).
+
+    Stack the terms into one pair (B, A), take B = Q_B R_B and Aᵀ = Q_A R_A; then
+    ‖BA‖_F = ‖R_B R_Aᵀ‖_F, a (Σr × Σr) matrix. Unlike the Gram identity
+    Σ_{i,j} tr((B_iᵀB_j)(A_jA_iᵀ)) nothing is squared, so a sum whose terms cancel (an
+    exact method's aggregation error) comes out at float round-off, not its square root.
+    """
+    if not terms:
+        return 0.0
+    s = stack(terms)
+    if s.rank >= min(s.B.shape[0], s.A.shape[1]):  # no saving left: the dense form is cheaper
+        return float(torch.linalg.matrix_norm(s.B @ s.A))
+    _, r_b = torch.linalg.qr(s.B)  # (min(d_out, Σr) × Σr)
+    _, r_a = torch.linalg.qr(s.A.T)  # (min(d_in, Σr) × Σr)
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+
+
+def frob_norm_gram(terms: Sequence[LowRank]) -> float:
+    """The Gram form Σ_{i,j} tr((B_iᵀ B_j)(A_j A_iᵀ)), square-rooted; a cross-check for frob_norm."""
+    if not terms:
+        return 0.0
+    s = stack(terms)
+    return float(((s.B.T @ s.B) * (s.A @ s.A.T).T).sum().clamp_min(0.0).sqrt())
+
+
+def fold_terms(terms: Sequence[LowRank], like: torch.Tensor) -> torch.Tensor:
+    """Dense Σ_i B_i A_i in ``like``'s dtype and device, accumulated in float32 or better."""
+    acc_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
+    for t in terms:
+        out += t.B.to(like.device, acc_dtype) @ t.A.to(like.device, acc_dtype)
+    return out.to(like.dtype)
+
+
+def kaiming_A(rank: int, d_in: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh LoRA A as PEFT draws it: Kaiming-uniform with a = √5, i.e. U(−1/√d_in, 1/√d_in)."""
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple such as (run seed, round, client): order-independent draws."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def lowrank_svd(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD U diag(S) Vh of Σ_i B_i A_i without the dense d_out × d_in matrix.
+
+    With B = [B_1 …] = Q_B R_B and Aᵀ = Q_A R_A: BA = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the SVD of the
+    small core R_B R_Aᵀ = U_c S V_cᵀ gives U = Q_B U_c, V = Q_A V_c. Shapes: U (d_out × k),
+    S (k,), Vh (k × d_in), k = min(Σr, d_out, d_in).
+    """
+    s = stack(terms)
+    q_b, r_b = torch.linalg.qr(s.B)  # (d_out × k_b), (k_b × Σr)
+    q_a, r_a = torch.linalg.qr(s.A.T)  # (d_in × k_a), (k_a × Σr)
+    u_c, sv, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # core (k_b × k_a)
+    return q_b @ u_c, sv, vh_c @ q_a.T
+
+
+def compress(terms: Sequence[LowRank], rtol: float = 0.0) -> LowRank:
+    """One pair of rank ≤ min(Σr, d_out, d_in) with the same product (singular values ≤ rtol·σ_max dropped)."""
+    u, sv, vh = lowrank_svd(terms)
+    keep = int((sv > rtol * sv.max()).sum()) if sv.numel() and rtol > 0 else sv.numel()
+    return LowRank(u[:, :keep] * sv[:keep], vh[:keep])

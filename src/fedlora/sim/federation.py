@@ -1,0 +1,114 @@
+"""The in-process federation: the round loop, written once (style.md lesson 2).
+
+sample → plan → train → aggregate → diagnose → evaluate → record. The method owns the math,
+the trainer the local work, the run folder the files; this module only orders them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fedlora.methods.base import ClientUpdate, plan_nbytes, update_nbytes
+from fedlora.ops.weights import data_weights
+from fedlora.sim import diagnostics
+from fedlora.sim.experiment import Experiment
+from fedlora.train.client import ClientState, start_delta
+from fedlora.train.evaluate import heldout_loss
+
+
+def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
+    """max(min_clients, round(fraction·N)) clients without replacement, seeded by (seed, round)."""
+    m = min(num_clients, max(min_clients, int(round_half_up(fraction * num_clients))))
+    rng = np.random.default_rng([seed, round])
+    return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+@dataclass
+class Hooks:
+    """Progress callbacks, so the loop knows nothing of terminals."""
+
+    round_start: Callable[[int, list[int]], None] = lambda r, clients: None
+    client_start: Callable[[int, int], None] = lambda client, steps: None
+    step: Callable[[float], None] = lambda loss: None
+    round_end: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+@dataclass
+class Simulation:
+    exp: Experiment
+    hooks: Hooks = field(default_factory=Hooks)
+
+    def __post_init__(self) -> None:
+        self.states = {c.id: ClientState() for c in self.exp.clients}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Global model G_t on the global test split and on every client's test split."""
+        exp = self.exp
+        exp.host.set_delta(exp.method.global_delta())
+        try:
+            args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
+            return {
+                "global": {"loss": heldout_loss(exp.host.model, exp.global_test, *args)},
+                "clients": {str(c.id): {"loss": heldout_loss(exp.host.model, c.test, *args)} for c in exp.clients},
+            }
+        finally:
+            exp.host.restore()
+
+    def run(self, record: Callable[[dict[str, Any]], None]) -> None:
+        cfg = self.exp.cfg
+        t0 = time.perf_counter()
+        first = {"round": 0, "method": cfg.federation.method, "clients": [], "eval": self.evaluate(), "wall_s": time.perf_counter() - t0}
+        record(first)
+        self.hooks.round_end(first)
+        for rnd in range(1, cfg.federation.rounds + 1):
+            t_round = time.perf_counter()
+            entry = self.round(rnd)
+            if rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds:
+                entry["eval"] = self.evaluate()
+            entry["wall_s"] = time.perf_counter() - t_round
+            record(entry)
+            self.hooks.round_end(entry)
+
+    def round(self, rnd: int) -> dict[str, Any]:
+        exp, cfg = self.exp, self.exp.cfg
+        fed = cfg.federation
+        sampled = sample_clients(fed.num_clients, fed.fraction, fed.min_clients, cfg.seed, rnd)
+        self.hooks.round_start(rnd, sampled)
+        before = exp.method.global_delta()
+        plans = {k: exp.method.plan(k, rnd) for k in sampled}
+        updates: list[ClientUpdate] = []
+        starts, rows, inits = [], [], []
+        for k in sampled:
+            plan = plans[k]
+            self.hooks.client_start(k, cfg.train.local_steps)
+            update, stats = exp.trainer.fit(plan, self.states[k], exp.clients[k].train, on_step=self.hooks.step)
+            start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
+            inits.append(diagnostics.init_noise(before, start, plan))
+            updates.append(update)
+            starts.append(start)
+            rows.append({
+                "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
+                "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(plan),
+                "init_noise": inits[-1], "padded_fraction": stats.padded_fraction,
+            })
+        weights = data_weights([u.num_examples for u in updates])
+        exp.method.aggregate(updates, weights, rnd)
+        after = exp.method.global_delta()
+        return {
+            "round": rnd,
+            "method": fed.method,
+            "clients": rows,
+            "weights": weights,
+            "agg_noise": diagnostics.agg_noise(before, after, starts, updates, weights),
+            "init_noise": diagnostics.mean_defined(inits),
+            "bytes_up": sum(r["bytes_up"] for r in rows),
+            "bytes_down": sum(r["bytes_down"] for r in rows),
+        }

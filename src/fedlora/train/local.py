@@ -1,0 +1,87 @@
+"""The one visible training loop: forward, loss, backward, clip, step (style.md lesson 6)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fedlora.config import TrainCfg
+from fedlora.data.batching import collate, length_grouped_batches
+from fedlora.data.formatting import TokenizedExample
+from fedlora.methods.base import ClientPlan, ClientUpdate
+from fedlora.model.adapters import AdapterHost, read_factors
+from fedlora.ops.lowrank import seeded_generator
+from fedlora.train.client import ClientState, start_delta
+from fedlora.train.loss import token_loss_sum
+
+
+@dataclass
+class FitStats:
+    """What a client's local work cost and achieved."""
+
+    train_loss: float  # mean answer-token loss over the round's steps
+    steps: int
+    real_tokens: int
+    padded_tokens: int
+
+    @property
+    def padded_fraction(self) -> float:
+        total = self.real_tokens + self.padded_tokens
+        return self.padded_tokens / total if total else 0.0
+
+
+class LocalTrainer:
+    """Trains one client's plan on the shared base model."""
+
+    def __init__(self, host: AdapterHost, cfg: TrainCfg, target_modules: list[str], pad_id: int, device: torch.device, seed: int, dropout: float = 0.0) -> None:
+        self.host, self.cfg, self.target_modules = host, cfg, target_modules
+        self.pad_id, self.device, self.seed, self.dropout = pad_id, device, seed, dropout
+
+    def fit(
+        self, plan: ClientPlan, state: ClientState, train: Sequence[TokenizedExample],
+        on_step: Callable[[float], None] | None = None,
+    ) -> tuple[ClientUpdate, FitStats]:
+        state.catch_up(plan)
+        self.host.set_delta(start_delta(state, plan))
+        run_seed = int(seeded_generator(self.seed, plan.round, plan.client).initial_seed() % (2**31))
+        try:
+            with self.host.adapter(
+                plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed, dropout=self.dropout
+            ) as peft_model:
+                stats = self._loop(peft_model, train, run_seed, on_step)
+                factors = read_factors(self.host.lora_layers(peft_model))
+        finally:
+            self.host.restore()
+        update = ClientUpdate(client=plan.client, num_examples=len(train), scale=plan.scale, factors=factors, train_loss=stats.train_loss)
+        return update, stats
+
+    def _loop(self, model: torch.nn.Module, train: Sequence[TokenizedExample], seed: int, on_step: Callable[[float], None] | None) -> FitStats:
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, seed)
+        model.train()
+        losses, real, padded = [], 0, 0
+        for step in range(cfg.local_steps):
+            batch = batches[step % len(batches)]
+            n_answer = sum(sum(1 for y in train[i].labels[1:] if y != -100) for i in batch)
+            total = 0.0
+            for start in range(0, len(batch), cfg.micro_batch_size):
+                mb = collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
+                real, padded = real + mb.real_tokens, padded + mb.padded_tokens
+                logits = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device)).logits
+                loss_sum, _ = token_loss_sum(logits, mb.labels.to(self.device))
+                (loss_sum / max(n_answer, 1)).backward()
+                total += float(loss_sum.detach())
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total / max(n_answer, 1))
+            if on_step:
+                on_step(losses[-1])
+        model.eval()
+        mean = sum(losses) / len(losses) if losses else math.nan
+        return FitStats(train_loss=mean, steps=len(losses), real_tokens=real, padded_tokens=padded)

@@ -1,0 +1,98 @@
+"""methods.md §3 items 2, 3 (math side) and 11 for FLoRA, in float64."""
+
+import itertools
+
+import torch
+
+from fedlora.methods import Setup, build_method
+from fedlora.methods.base import plan_nbytes, update_nbytes
+from fedlora.ops.lowrank import LowRank, fold_terms
+from fedlora.ops.weights import data_weights
+from fedlora.train.client import ClientState, start_delta
+
+from tests.conftest import random_update, rel_err
+
+LAYERS = {"l0.q": (12, 10), "l0.v": (6, 10)}
+RANKS = {0: 4, 1: 2, 2: 1}
+SCALES = {0: 2.0, 1: 0.5, 2: 3.0}  # unequal s_k on purpose
+
+
+def _flora(**options):
+    return build_method("flora", Setup(LAYERS, RANKS, SCALES, seed=0, dtype=torch.float64, options=options))
+
+
+def _round(method, gen, clients=(0, 1, 2), n=(10, 30, 60)):
+    updates = [random_update(k, LAYERS, RANKS[k], SCALES[k], n[i], gen) for i, k in enumerate(clients)]
+    weights = data_weights([u.num_examples for u in updates])
+    method.aggregate(updates, weights, 1)
+    return updates, weights
+
+
+def test_stack_equals_weighted_sum_of_scaled_products(gen):
+    m = _flora()
+    updates, weights = _round(m, gen)
+    for name, (d_out, d_in) in LAYERS.items():
+        (merged,) = m.global_delta()[name]
+        assert merged.B.shape == (d_out, 7) and merged.A.shape == (7, d_in)
+        ideal = sum(p * u.scale * u.factors[name].B @ u.factors[name].A for u, p in zip(updates, weights))
+        assert rel_err(merged.dense(), ideal) < 1e-12
+
+
+def test_client_order_does_not_matter(gen):
+    updates = [random_update(k, LAYERS, RANKS[k], SCALES[k], 10 * (k + 1), gen) for k in RANKS]
+    results = []
+    for perm in itertools.permutations(updates):
+        m = _flora()
+        m.aggregate(list(perm), data_weights([u.num_examples for u in perm]), 1)
+        results.append(m.global_delta()["l0.q"][0].dense())
+    for r in results[1:]:
+        assert rel_err(r, results[0]) < 1e-13
+
+
+def test_uniform_weights_option(gen):
+    m = _flora(weights="uniform")
+    updates, _ = _round(m, gen)
+    ideal = sum(u.scale * u.factors["l0.v"].B @ u.factors["l0.v"].A for u in updates) / 3
+    assert rel_err(m.global_delta()["l0.v"][0].dense(), ideal) < 1e-12
+
+
+def test_single_client_reduces_to_one_merged_lora(gen):
+    m = build_method("flora", Setup(LAYERS, {0: 3}, {0: 2.0}, dtype=torch.float64))
+    u = random_update(0, LAYERS, 3, 2.0, 5, gen)
+    m.aggregate([u], [1.0], 1)
+    for name in LAYERS:
+        assert rel_err(m.global_delta()[name][0].dense(), 2.0 * u.factors[name].B @ u.factors[name].A) < 1e-14
+
+
+def test_skipped_client_catches_up_to_the_same_base(gen):
+    m = _flora()
+    states = {k: ClientState() for k in RANKS}
+    w0 = {n: torch.zeros(s, dtype=torch.float64) for n, s in LAYERS.items()}
+    for rnd, sampled in enumerate([(0, 1), (0, 2), (0, 1)], start=1):
+        plans = {k: m.plan(k, rnd) for k in sampled}
+        for k in sampled:
+            states[k].catch_up(plans[k])
+        _round(m, gen, clients=sampled, n=(10, 20))
+    # client 2 skipped rounds 1 and 3; client 1 skipped round 2; all must reach the same base
+    bases = {}
+    for k in RANKS:
+        plan = m.plan(k, 4)
+        states[k].catch_up(plan)
+        bases[k] = {n: fold_terms(t, w0[n]) for n, t in start_delta(states[k], plan).items()}
+    glob = {n: fold_terms(t, w0[n]) for n, t in m.global_delta().items()}
+    for k in RANKS:
+        for n in LAYERS:
+            assert rel_err(bases[k][n], glob[n]) < 1e-13
+
+
+def test_downlink_counts_missed_stacks_and_uplink_counts_factors(gen):
+    m = _flora()
+    d = sum(o + i for o, i in LAYERS.values())
+    _round(m, gen, clients=(0, 1), n=(10, 30))  # round 1: stack rank 4+2
+    plan = m.plan(2, 2)  # client 2 never trained: receives the round-1 stack
+    assert plan_nbytes(plan) == 8 * (4 + 2) * d
+    _round(m, gen, clients=(0, 2), n=(10, 30))  # round 2: stack rank 4+1
+    assert plan_nbytes(m.plan(0, 3)) == 8 * (4 + 1) * d  # trained on the round-1 base: needs stack 2 only
+    assert plan_nbytes(m.plan(1, 3)) == 8 * (4 + 2 + 4 + 1) * d  # trained before stack 1 existed: needs 1 and 2
+    u = random_update(1, LAYERS, 2, 0.5, 5, gen)
+    assert update_nbytes(u) == 8 * 2 * d
