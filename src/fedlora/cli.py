@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)  # `fedlora run key=value` with the default config
         args.config = None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's business
     for noisy in ("transformers", "peft", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

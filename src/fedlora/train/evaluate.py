@@ -9,7 +9,7 @@ import torch
 
 from fedlora.data.batching import collate
 from fedlora.data.formatting import TokenizedExample
-from fedlora.train.loss import token_loss_sum
+from fedlora.train.loss import answer_loss_sum
 
 
 @torch.no_grad()
@@ -23,8 +23,7 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[TokenizedExample], b
     model.eval()
     for start in range(0, len(order), batch_size):
         b = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-        logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
-        s, n = token_loss_sum(logits, b.labels.to(device))
+        s, n = answer_loss_sum(model, b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / count if count else math.nan

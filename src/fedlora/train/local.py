@@ -15,7 +15,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate
 from fedlora.model.adapters import AdapterHost, read_factors
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.train.client import ClientState, start_delta
-from fedlora.train.loss import token_loss_sum
+from fedlora.train.loss import answer_loss_sum
 
 
 @dataclass
@@ -72,8 +72,7 @@ class LocalTrainer:
             for start in range(0, len(batch), cfg.micro_batch_size):
                 mb = collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
                 real, padded = real + mb.real_tokens, padded + mb.padded_tokens
-                logits = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device)).logits
-                loss_sum, _ = token_loss_sum(logits, mb.labels.to(self.device))
+                loss_sum, _ = answer_loss_sum(model, mb.input_ids.to(self.device), mb.attention_mask.to(self.device), mb.labels.to(self.device))
                 (loss_sum / max(n_answer, 1)).backward()
                 total += float(loss_sum.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

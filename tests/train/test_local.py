@@ -1,0 +1,95 @@
+"""The local trainer on a tiny random Llama: plans are installed exactly and the base comes back."""
+
+import torch
+
+from fedlora.config import TrainCfg
+from fedlora.data.formatting import TokenizedExample
+from fedlora.methods import Setup, build_method
+from fedlora.model.adapters import AdapterHost
+from fedlora.model.loading import target_layer_shapes
+from fedlora.ops.weights import data_weights
+from fedlora.train.client import ClientState, start_delta
+from fedlora.train.evaluate import heldout_loss
+
+from tests.conftest import rel_err
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _examples(n, gen):
+    out = []
+    for i in range(n):
+        length = 6 + i % 5
+        ids = torch.randint(3, 64, (length,), generator=gen).tolist()
+        out.append(TokenizedExample(input_ids=ids, labels=[-100] * 3 + ids[3:]))
+    return out
+
+
+def _trainer(model, **train):
+    from fedlora.train.local import LocalTrainer
+
+    shapes = target_layer_shapes(model, TARGETS)
+    host = AdapterHost(model, list(shapes))
+    cfg = TrainCfg(local_steps=3, batch_size=4, micro_batch_size=2, lr=1e-2, **train)
+    return LocalTrainer(host, cfg, TARGETS, pad_id=0, device=torch.device("cpu"), seed=0), shapes
+
+
+def test_fit_trains_reads_back_and_restores_the_base(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    pristine = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
+    m = build_method("flora", Setup(shapes, {0: 2, 1: 3}, {0: 2.0, 1: 2.0}, dtype=torch.float64))
+    data = _examples(12, gen)
+    states = {0: ClientState(), 1: ClientState()}
+    updates = []
+    for k in (0, 1):
+        update, stats = trainer.fit(m.plan(k, 1), states[k], data)
+        assert stats.steps == 3 and stats.real_tokens > 0 and 0 <= stats.padded_fraction < 0.5
+        assert all(f.B.shape == (shapes[n][0], 2 + k) and torch.count_nonzero(f.B) > 0 for n, f in update.factors.items())
+        updates.append(update)
+    assert all(torch.equal(pristine[n], p) for n, p in trainer.host.model.state_dict().items())
+    m.aggregate(updates, data_weights([12, 12]), 1)
+    # round 2: the client trains on W_0 + stack; the host folds it and restores afterwards
+    plan = m.plan(0, 2)
+    update, _ = trainer.fit(plan, states[0], data)
+    assert states[0].version == 1 and len(start_delta(states[0], plan)["model.layers.0.self_attn.q_proj"]) == 1
+    assert all(torch.equal(pristine[n], p) for n, p in trainer.host.model.state_dict().items())
+
+
+def test_fit_is_reproducible_for_a_seed(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    m = build_method("flora", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
+    data = _examples(8, gen)
+    a, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
+    b, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
+    name = next(iter(a.factors))
+    assert torch.equal(a.factors[name].B, b.factors[name].B) and torch.equal(a.factors[name].A, b.factors[name].A)
+
+
+def test_fedit_client_starts_from_the_global_model_and_training_lowers_loss(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    m = build_method("fedit", Setup(shapes, {0: 4, 1: 4}, {0: 2.0, 1: 2.0}, dtype=torch.float64))
+    data = _examples(16, gen)
+    states = {0: ClientState(), 1: ClientState()}
+    ups = [trainer.fit(m.plan(k, 1), states[k], data)[0] for k in (0, 1)]
+    m.aggregate(ups, [0.5, 0.5], 1)
+    host = trainer.host
+    host.set_delta(m.global_delta())
+    global_loss = heldout_loss(host.model, data, 8, 0, torch.device("cpu"))
+    host.restore()
+    base_loss = heldout_loss(host.model, data, 8, 0, torch.device("cpu"))
+    assert global_loss < base_loss
+    plan = m.plan(0, 2)
+    with host.adapter(plan.rank, plan.scale, TARGETS, init=plan.init) as pm:
+        step0 = heldout_loss(pm, data, 8, 0, torch.device("cpu"))
+    assert abs(step0 - global_loss) < 1e-10 * global_loss
+
+
+def test_frozen_A_stays_fixed(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    m = build_method("fedit", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
+    plan = m.plan(0, 1)
+    plan.train_A = False
+    update, _ = trainer.fit(plan, ClientState(), _examples(8, gen))
+    for n, f in update.factors.items():
+        assert rel_err(f.A.double(), plan.init[n].A.double()) < 1e-7
+        assert torch.count_nonzero(f.B) > 0
