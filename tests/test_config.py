@@ -50,6 +50,7 @@ def test_lora_rank_override_replaces_the_ranks_list():
         (["lora.scale=[1.0, 2.0]"], r"^lora\.scale: 2 scales for federation\.num_clients=3"),
         (["train.micro_batch_size=16"], r"^train\.micro_batch_size: 16 > train\.batch_size=4$"),
         (["nonsense"], r"^override: 'nonsense' is not key=value"),
+        (["lora.rank_patterns={v_proj: [1, 2]}"], r"^lora\.rank_patterns\.v_proj: \[1, 2\] \(accepted: one positive rank, or exactly 3 of them\)$"),
     ],
 )
 def test_bad_settings_fail_with_one_clear_line(overrides, pattern):
@@ -74,7 +75,10 @@ def _real_model_cfg(overrides):
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
-        (["lora.ranks=[4,2,500]"], r"^lora\.ranks: rank 500 exceeds the smallest target layer dimension 192 \(accepted: 1\.\.192\)$"),
+        (["lora.ranks=[4,2,500]"], r"^lora\.ranks: rank 500 exceeds layer model\.layers\.0\.self_attn\.q_proj \(576×576\) \(accepted: 1\.\.576\)$"),
+        (["lora.ranks=[4,2,200]"], r"^lora\.ranks: rank 200 exceeds layer model\.layers\.0\.self_attn\.v_proj \(192×576\) \(accepted: 1\.\.192\)$"),
+        (["lora.rank_patterns={v_proj: 300}"], r"^lora\.rank_patterns: rank 300 exceeds layer .*v_proj"),
+        (["lora.rank_patterns={o_proj: 3}"], r"^lora\.rank_patterns\.o_proj: matches no target layer"),
         (["lora.target_modules=[qkv]"], r"^lora\.target_modules: no Linear layer named \['qkv'\]"),
         (["lora.target_modules=[q_proj,wq]"], r"^lora\.target_modules: \['wq'\] not found"),
         (["model.path=/no/such/model"], r"^model\.path: no HF model folder \(config\.json\) at /no/such/model"),

@@ -36,6 +36,9 @@ class LoraCfg(Section):
     rank: int | None = Field(None, description="One rank for all clients; overrides ranks.")
     scale: float | list[float] = Field(2.0, description="s = lora_alpha / r; a list gives each client its own s_k.")
     target_modules: list[str] = Field(["q_proj", "v_proj"], description="Linear layers that get LoRA.")
+    rank_patterns: dict[str, int | list[int]] = Field(
+        default_factory=dict, description="Per-layer ranks: module-name suffix (e.g. mlp.down_proj) → one rank, or one per client."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
 
     @field_validator("ranks", "target_modules", "scale", mode="before")
@@ -118,6 +121,10 @@ class Config(Section):
             raise ValueError("lora: set lora.ranks (one per client) or lora.rank (all clients)")
         if self.lora.rank is None and len(self.lora.ranks) != n:
             raise ValueError(f"lora.ranks: {len(self.lora.ranks)} ranks {self.lora.ranks} for federation.num_clients={n} (accepted: exactly {n} ranks, or lora.rank=R)")
+        for key, r in self.lora.rank_patterns.items():
+            rs = r if isinstance(r, list) else [r]
+            if (isinstance(r, list) and len(r) != n) or min(rs) < 1:
+                raise ValueError(f"lora.rank_patterns.{key}: {r} (accepted: one positive rank, or exactly {n} of them)")
         if isinstance(self.lora.scale, list) and len(self.lora.scale) != n:
             raise ValueError(f"lora.scale: {len(self.lora.scale)} scales for federation.num_clients={n} (accepted: one number, or exactly {n})")
         if self.federation.min_clients > n:
@@ -129,6 +136,10 @@ class Config(Section):
     def client_ranks(self) -> list[int]:
         n = self.federation.num_clients
         return [self.lora.rank] * n if self.lora.rank is not None else list(self.lora.ranks)
+
+    def client_rank_patterns(self) -> dict[str, dict[int, int]]:
+        n = self.federation.num_clients
+        return {k: dict(enumerate(r if isinstance(r, list) else [r] * n)) for k, r in self.lora.rank_patterns.items()}
 
     def client_scales(self) -> list[float]:
         s = self.lora.scale

@@ -96,3 +96,14 @@ def test_downlink_counts_missed_stacks_and_uplink_counts_factors(gen):
     assert plan_nbytes(m.plan(1, 3)) == 8 * (4 + 2 + 4 + 1) * d  # trained before stack 1 existed: needs 1 and 2
     u = random_update(1, LAYERS, 2, 0.5, 5, gen)
     assert update_nbytes(u) == 8 * 2 * d
+
+
+def test_options_are_checked():
+    import pytest
+
+    from fedlora.methods import MethodError
+
+    with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flora \(accepted: data, uniform\)$"):
+        _flora(weights="size")
+    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: weights\)$"):
+        _flora(wieghts="data")

@@ -93,3 +93,31 @@ def test_frozen_A_stays_fixed(tiny_llama, gen):
     for n, f in update.factors.items():
         assert rel_err(f.A.double(), plan.init[n].A.double()) < 1e-7
         assert torch.count_nonzero(f.B) > 0
+
+
+def test_rank_pattern_gives_layers_their_own_rank(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    setup = Setup(shapes, {0: 2}, {0: 2.0}, rank_patterns={"v_proj": {0: 5}})
+    m = build_method("flora", setup)
+    plan = m.plan(0, 1)
+    assert plan.rank == 2 and set(plan.rank_pattern) == {n for n in shapes if n.endswith("v_proj")}
+    update, _ = trainer.fit(plan, ClientState(), _examples(8, gen))
+    for n, f in update.factors.items():
+        assert f.rank == (5 if n.endswith("v_proj") else 2)
+
+
+def test_regularizer_enters_the_gradient(tiny_llama, gen):
+    trainer, shapes = _trainer(tiny_llama)
+    m = build_method("fedit", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
+    data = _examples(8, gen)
+    calls = []
+
+    def shrink_A(live):
+        calls.append(len(live))
+        return 1e3 * sum(A.pow(2).sum() for _, A in live.values())
+
+    plain, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
+    shrunk, _ = trainer.fit(m.plan(0, 1), ClientState(), data, regularizer=shrink_A)
+    assert calls == [len(shapes)] * 3  # once per optimizer step, over every adapted layer
+    norm = lambda u: sum(float(f.A.norm()) for f in u.factors.values())  # noqa: E731
+    assert norm(shrunk) < norm(plain)

@@ -8,7 +8,7 @@ prints or knows about transport (architecture.md §1–2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 
@@ -46,6 +46,16 @@ class Setup:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     options: Mapping[str, Any] = field(default_factory=dict)
+    rank_patterns: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    """Per-layer ranks: a module-name suffix (e.g. ``mlp.down_proj``) → client → rank."""
+
+    def rank_of(self, client: int, layer: str) -> int:
+        """Client k's rank on one layer: the longest matching rank pattern, else its rank."""
+        best = max((s for s in self.rank_patterns if layer == s or layer.endswith("." + s)), key=len, default=None)
+        return self.rank_patterns[best][client] if best is not None else self.ranks[client]
+
+    def layer_ranks(self, client: int) -> dict[str, int]:
+        return {name: self.rank_of(client, name) for name in self.layers}
 
 
 @dataclass
@@ -62,6 +72,7 @@ class ClientPlan:
     round: int
     rank: int
     scale: float
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # layers whose rank is not ``rank``
     init: dict[str, Factors] | None = None
     base_updates: list[Delta] = field(default_factory=list)
     base_version: int = 0
@@ -82,8 +93,18 @@ class ClientUpdate:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+Regularizer = Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
+"""Extra training loss from the live LoRA parameters: layer → (B, A)."""
+
+
 class Method(Protocol):
-    """A heterogeneous-rank aggregation method; stateful like a Flower strategy."""
+    """A heterogeneous-rank aggregation method; stateful like a Flower strategy.
+
+    Optional client-side hooks (run on the client, in the simulator and on Flower alike):
+    ``client_prepare(plan) -> plan`` expands what the wire carries compactly (e.g. a seed);
+    ``client_regularizer(plan) -> Regularizer | None`` adds a training penalty;
+    ``client_finish(plan, update) -> update`` post-processes before upload (e.g. pruning).
+    """
 
     name: str
     summary: str
@@ -95,6 +116,28 @@ class Method(Protocol):
     def global_delta(self) -> Delta:
         """G_t − W_0 per adapted layer, as low-rank terms (evaluation, diagnostics, export)."""
         ...
+
+
+def client_prepare(method: Method, plan: ClientPlan) -> ClientPlan:
+    hook = getattr(method, "client_prepare", None)
+    return hook(plan) if hook else plan
+
+
+def client_regularizer(method: Method, plan: ClientPlan) -> Regularizer | None:
+    hook = getattr(method, "client_regularizer", None)
+    return hook(plan) if hook else None
+
+
+def client_finish(method: Method, plan: ClientPlan, update: ClientUpdate) -> ClientUpdate:
+    hook = getattr(method, "client_finish", None)
+    return hook(plan, update) if hook else update
+
+
+def plan_for_layers(setup: Setup, client: int) -> tuple[int, dict[str, int]]:
+    """A client's default rank and the layers that differ from it (PEFT's rank_pattern)."""
+    rank = setup.ranks[client]
+    pattern = {n: r for n, r in setup.layer_ranks(client).items() if r != rank}
+    return rank, pattern
 
 
 def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator, weighted_mean
 from fedlora.methods.errors import MethodError
+from fedlora.methods.options import read_options
 
 import torch
 
@@ -18,7 +19,12 @@ class FedIT:
     name = "fedit"
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
+    options: dict = {}
+
     def __init__(self, setup: Setup) -> None:
+        read_options(self.name, self.options, setup.options)
+        if setup.rank_patterns:
+            raise MethodError("lora.rank_patterns: fedit needs one rank on every layer (accepted: none, or method flora)")
         ranks, scales = set(setup.ranks.values()), set(setup.scales.values())
         if len(ranks) != 1:
             raise MethodError(

@@ -10,8 +10,9 @@ missed, in order, before it trains (partial participation), and that counts in i
 
 from __future__ import annotations
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
-from fedlora.methods.errors import MethodError
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup, plan_for_layers
+from fedlora.methods.options import Option, read_options
+from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, stack
 
 
@@ -19,24 +20,27 @@ class FLoRA:
     name = "flora"
     summary = "Stack the clients' factors so the merge equals Σ p_k s_k B_k A_k exactly; fresh adapters each round."
 
+    options = {
+        "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+    }
+
     def __init__(self, setup: Setup) -> None:
-        weights = setup.options.get("weights", "data")
-        if weights not in ("data", "uniform"):
-            raise MethodError(f"method.weights: unknown value {weights!r} for flora (accepted: data, uniform)")
+        opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
-        self.uniform = weights == "uniform"
-        self.history: list[Delta] = []  # one merged stack per aggregated round
-        self.synced: dict[int, int] = {}  # client → how many stacks its base holds
+        self.uniform = opts["weights"] == "uniform"
+        self.base = MergedBase(setup.layers)
 
     def plan(self, client: int, round: int) -> ClientPlan:
-        have = self.synced.get(client, 0)
+        missing, version = self.base.missing(client)
+        rank, pattern = plan_for_layers(self.setup, client)
         return ClientPlan(
             client=client,
             round=round,
-            rank=self.setup.ranks[client],
+            rank=rank,
+            rank_pattern=pattern,
             scale=self.setup.scales[client],
-            base_updates=self.history[have:],
-            base_version=len(self.history),
+            base_updates=missing,
+            base_version=version,
         )
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
@@ -49,9 +53,7 @@ class FLoRA:
                 for u, p in zip(updates, weights)
             ]
             merged[name] = [stack(terms)]  # (d_out × Σr_k) @ (Σr_k × d_in)
-        self.history.append(merged)
-        for u in updates:  # they held every earlier stack when they trained
-            self.synced[u.client] = len(self.history) - 1
+        self.base.merge(merged, [u.client for u in updates])
 
     def global_delta(self) -> Delta:
-        return {name: [t for merged in self.history for t in merged[name]] for name in self.setup.layers}
+        return self.base.delta()

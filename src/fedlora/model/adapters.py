@@ -7,6 +7,7 @@ lora_A (r × d_in) and lora_B (d_out × r).
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -44,14 +45,19 @@ class AdapterHost:
     @contextmanager
     def adapter(
         self, rank: int, scale: float, target_modules: list[str], init: dict[str, Factors] | None = None,
-        train_A: bool = True, seed: int = 0, dropout: float = 0.0,
+        train_A: bool = True, seed: int = 0, dropout: float = 0.0, rank_pattern: dict[str, int] | None = None,
     ) -> Iterator[PeftModel]:
         """Attach a LoRA (rank r, lora_alpha = s·r) for the duration of the block, then remove it.
 
+        ``rank_pattern`` gives some layers (full module paths) another rank, same scale s.
         A fresh adapter draws A with PEFT's own init under ``seed`` (B = 0); ``init`` overrides
         both factors. The base model comes back without LoRA layers; its weights are untouched.
         """
-        config = LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules, bias="none")
+        pattern = {f"^{re.escape(n)}": r for n, r in (rank_pattern or {}).items()}
+        config = LoraConfig(
+            r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules, bias="none",
+            rank_pattern=pattern, alpha_pattern={k: scale * r for k, r in pattern.items()},
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             peft_model = get_peft_model(self.model, config)
@@ -67,6 +73,11 @@ class AdapterHost:
         finally:
             self.model = peft_model.unload()
             self.model.requires_grad_(False)
+
+    @staticmethod
+    def live_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The trainable (B, A) parameters by layer, for regularisers."""
+        return {n: (m.lora_B[ADAPTER].weight, m.lora_A[ADAPTER].weight) for n, m in AdapterHost.lora_layers(peft_model).items()}
 
     @staticmethod
     def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:

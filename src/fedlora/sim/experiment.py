@@ -54,9 +54,15 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     found = {n.rsplit(".", 1)[-1] for n in shapes}
     if missing := [m for m in cfg.lora.target_modules if m not in found]:
         raise ConfigError(f"lora.target_modules: {missing} not found in {model_dir.name} (found: {sorted(found)})")
-    limit = min(min(s) for s in shapes.values())
-    if (top := max(cfg.client_ranks())) > limit:
-        raise ConfigError(f"lora.ranks: rank {top} exceeds the smallest target layer dimension {limit} (accepted: 1..{limit})")
+    setup = Setup(shapes, dict(enumerate(cfg.client_ranks())), {}, rank_patterns=cfg.client_rank_patterns())
+    for key in cfg.lora.rank_patterns:
+        if not any(n == key or n.endswith("." + key) for n in shapes):
+            raise ConfigError(f"lora.rank_patterns.{key}: matches no target layer (accepted: a suffix of one of {sorted(found)})")
+    for name, (d_out, d_in) in shapes.items():
+        for k in setup.ranks:
+            if (r := setup.rank_of(k, name)) > min(d_out, d_in):
+                where = "lora.ranks" if r == setup.ranks[k] else "lora.rank_patterns"
+                raise ConfigError(f"{where}: rank {r} exceeds layer {name} ({d_out}×{d_in}) (accepted: 1..{min(d_out, d_in)})")
     return model_dir, shapes
 
 
@@ -73,6 +79,7 @@ def prepare(cfg: Config) -> Experiment:
         scales=dict(enumerate(cfg.client_scales())),
         seed=cfg.seed,
         options=cfg.federation.options,
+        rank_patterns=cfg.client_rank_patterns(),
     )
     method = build_method(cfg.federation.method, setup)  # method errors before the model loads
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedlora.methods.base import ClientUpdate, plan_nbytes, update_nbytes
+from fedlora.methods.base import ClientUpdate, client_finish, client_prepare, client_regularizer, plan_nbytes, update_nbytes
 from fedlora.ops.weights import data_weights
 from fedlora.sim import diagnostics
 from fedlora.sim.experiment import Experiment
@@ -87,16 +87,20 @@ class Simulation:
         updates: list[ClientUpdate] = []
         starts, rows, inits = [], [], []
         for k in sampled:
-            plan = plans[k]
+            sent = plans[k]
+            plan = client_prepare(exp.method, sent)  # client side from here on
             self.hooks.client_start(k, cfg.train.local_steps)
-            update, stats = exp.trainer.fit(plan, self.states[k], exp.clients[k].train, on_step=self.hooks.step)
+            update, stats = exp.trainer.fit(
+                plan, self.states[k], exp.clients[k].train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan)
+            )
+            update = client_finish(exp.method, plan, update)
             start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
             inits.append(diagnostics.init_noise(before, start, plan))
             updates.append(update)
             starts.append(start)
             rows.append({
                 "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
-                "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(plan),
+                "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(sent),
                 "init_noise": inits[-1], "padded_fraction": stats.padded_fraction,
             })
         weights = data_weights([u.num_examples for u in updates])

@@ -11,7 +11,7 @@ import torch
 from fedlora.config import TrainCfg
 from fedlora.data.batching import collate, length_grouped_batches
 from fedlora.data.formatting import TokenizedExample
-from fedlora.methods.base import ClientPlan, ClientUpdate
+from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
 from fedlora.model.adapters import AdapterHost, read_factors
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.train.client import ClientState, start_delta
@@ -42,23 +42,28 @@ class LocalTrainer:
 
     def fit(
         self, plan: ClientPlan, state: ClientState, train: Sequence[TokenizedExample],
-        on_step: Callable[[float], None] | None = None,
+        on_step: Callable[[float], None] | None = None, regularizer: Regularizer | None = None,
     ) -> tuple[ClientUpdate, FitStats]:
         state.catch_up(plan)
         self.host.set_delta(start_delta(state, plan))
         run_seed = int(seeded_generator(self.seed, plan.round, plan.client).initial_seed() % (2**31))
         try:
             with self.host.adapter(
-                plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed, dropout=self.dropout
+                plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed,
+                dropout=self.dropout, rank_pattern=plan.rank_pattern,
             ) as peft_model:
-                stats = self._loop(peft_model, train, run_seed, on_step)
+                penalty = (lambda: regularizer(self.host.live_factors(peft_model))) if regularizer else None
+                stats = self._loop(peft_model, train, run_seed, on_step, penalty)
                 factors = read_factors(self.host.lora_layers(peft_model))
         finally:
             self.host.restore()
         update = ClientUpdate(client=plan.client, num_examples=len(train), scale=plan.scale, factors=factors, train_loss=stats.train_loss)
         return update, stats
 
-    def _loop(self, model: torch.nn.Module, train: Sequence[TokenizedExample], seed: int, on_step: Callable[[float], None] | None) -> FitStats:
+    def _loop(
+        self, model: torch.nn.Module, train: Sequence[TokenizedExample], seed: int,
+        on_step: Callable[[float], None] | None, penalty: Callable[[], torch.Tensor] | None,
+    ) -> FitStats:
         cfg = self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -75,6 +80,8 @@ class LocalTrainer:
                 loss_sum, _ = answer_loss_sum(model, mb.input_ids.to(self.device), mb.attention_mask.to(self.device), mb.labels.to(self.device))
                 (loss_sum / max(n_answer, 1)).backward()
                 total += float(loss_sum.detach())
+            if penalty is not None:
+                penalty().backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
