@@ -75,7 +75,7 @@ def _real_model_cfg(overrides):
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
-        (["lora.ranks=[4,2,500]"], r"^lora\.ranks: rank 500 exceeds layer model\.layers\.0\.self_attn\.q_proj \(576×576\) \(accepted: 1\.\.576\)$"),
+        (["lora.ranks=[4,2,600]"], r"^lora\.ranks: rank 600 exceeds layer model\.layers\.0\.self_attn\.q_proj \(576×576\) \(accepted: 1\.\.576\)$"),
         (["lora.ranks=[4,2,200]"], r"^lora\.ranks: rank 200 exceeds layer model\.layers\.0\.self_attn\.v_proj \(192×576\) \(accepted: 1\.\.192\)$"),
         (["lora.rank_patterns={v_proj: 300}"], r"^lora\.rank_patterns: rank 300 exceeds layer .*v_proj"),
         (["lora.rank_patterns={o_proj: 3}"], r"^lora\.rank_patterns\.o_proj: matches no target layer"),
