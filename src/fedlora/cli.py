@@ -41,8 +41,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.sim.federation import Simulation
     from fedlora.sim.progress import rich_hooks
     from fedlora.sim.run_dir import RunDir, default_run_dir, summarize
-    from fedlora.model.export import save_adapter
-
     config_path = args.config or packaged_config("default")
     cfg = load_config(config_path, args.overrides)
     torch.manual_seed(cfg.seed)
@@ -55,8 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with rich_hooks(console, cfg) as hooks:
         Simulation(exp, hooks).run(run.record)
     if cfg.output.save_final:
-        rank = save_adapter(exp.host, exp.method.global_delta(), cfg.lora.target_modules, run.path / "final", str(exp.model_dir))
-        log.info("final global adapter (rank %d, exact) in %s", rank, run.path / "final")
+        save_final(exp, run.path / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
@@ -64,11 +61,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def save_final(exp, folder: Path) -> None:
+    """The global model's update as a PEFT adapter; per-client adapters for a personal method."""
+    from fedlora.model.export import save_adapter
+
+    args = (exp.cfg.lora.target_modules,)
+    if getattr(exp.method, "personal", False):
+        for c in exp.clients:
+            save_adapter(exp.host, exp.method.client_delta(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
+        log.info("final per-client adapters in %s", folder)
+        return
+    rank = save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))
+    log.info("final global adapter (rank %d, exact) in %s", rank, folder)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     from fedlora.methods import REGISTRY
 
-    for name, cls in sorted(REGISTRY.items()):
-        print(f"{name:12s} {cls.summary}")
+    table = Table(title="fedlora methods (federation.method=NAME, options as federation.options.KEY=VALUE)", show_lines=True)
+    for col in ("method", "what it does", "options"):
+        table.add_column(col)
+    for name, cls in REGISTRY.items():
+        opts = "\n".join(f"{k} = {o.default!r} ({o.accepted()}): {o.help}" for k, o in cls.options.items()) or "—"
+        table.add_row(name, cls.summary, opts)
+    Console().print(table)
     return 0
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
 from fedlora.methods.errors import MethodError
+from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.flora import FLoRA
+from fedlora.methods.local import LocalOnly
 
 REGISTRY: dict[str, type] = {}
 
@@ -18,7 +20,7 @@ def register(cls: type) -> type:
     return cls
 
 
-for _cls in (FedIT, FLoRA):
+for _cls in (FedIT, FLoRA, Centralized, LocalOnly):
     register(_cls)
 
 

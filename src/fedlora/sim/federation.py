@@ -50,15 +50,24 @@ class Simulation:
         self.states = {c.id: ClientState() for c in self.exp.clients}
 
     def evaluate(self) -> dict[str, Any]:
-        """Global model G_t on the global test split and on every client's test split."""
+        """Global model G_t on the global test split and on every client's test split.
+
+        A personal method (``local``) has no global model: each client is evaluated with its own
+        model, and the global split's loss is the mean of the clients' models on it.
+        """
         exp = self.exp
-        exp.host.set_delta(exp.method.global_delta())
+        args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
+        loss = lambda data: heldout_loss(exp.host.model, data, *args)  # noqa: E731
         try:
-            args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
-            return {
-                "global": {"loss": heldout_loss(exp.host.model, exp.global_test, *args)},
-                "clients": {str(c.id): {"loss": heldout_loss(exp.host.model, c.test, *args)} for c in exp.clients},
-            }
+            if getattr(exp.method, "personal", False):
+                clients, on_global = {}, []
+                for c in exp.clients:
+                    exp.host.set_delta(exp.method.client_delta(c.id))
+                    clients[str(c.id)] = {"loss": loss(c.test)}
+                    on_global.append(loss(exp.global_test))
+                return {"global": {"loss": sum(on_global) / len(on_global)}, "clients": clients}
+            exp.host.set_delta(exp.method.global_delta())
+            return {"global": {"loss": loss(exp.global_test)}, "clients": {str(c.id): {"loss": loss(c.test)} for c in exp.clients}}
         finally:
             exp.host.restore()
 
@@ -80,7 +89,8 @@ class Simulation:
     def round(self, rnd: int) -> dict[str, Any]:
         exp, cfg = self.exp, self.exp.cfg
         fed = cfg.federation
-        sampled = sample_clients(fed.num_clients, fed.fraction, fed.min_clients, cfg.seed, rnd)
+        pooled = getattr(exp.method, "pooled", False)
+        sampled = [0] if pooled else sample_clients(fed.num_clients, fed.fraction, fed.min_clients, cfg.seed, rnd)
         self.hooks.round_start(rnd, sampled)
         before = exp.method.global_delta()
         plans = {k: exp.method.plan(k, rnd) for k in sampled}
@@ -90,9 +100,8 @@ class Simulation:
             sent = plans[k]
             plan = client_prepare(exp.method, sent)  # client side from here on
             self.hooks.client_start(k, cfg.train.local_steps)
-            update, stats = exp.trainer.fit(
-                plan, self.states[k], exp.clients[k].train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan)
-            )
+            train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[k].train
+            update, stats = exp.trainer.fit(plan, self.states[k], train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan))
             update = client_finish(exp.method, plan, update)
             start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
             inits.append(diagnostics.init_noise(before, start, plan))
@@ -106,13 +115,20 @@ class Simulation:
         weights = data_weights([u.num_examples for u in updates])
         exp.method.aggregate(updates, weights, rnd)
         after = exp.method.global_delta()
+        if not getattr(exp.method, "communicates", True):
+            for row in rows:
+                row["bytes_up"] = row["bytes_down"] = 0
+        personal = getattr(exp.method, "personal", False)  # no global model: the noises are undefined
+        if personal:
+            for row in rows:
+                row["init_noise"] = None
         return {
             "round": rnd,
             "method": fed.method,
             "clients": rows,
             "weights": weights,
-            "agg_noise": diagnostics.agg_noise(before, after, starts, updates, weights),
-            "init_noise": diagnostics.mean_defined(inits),
+            "agg_noise": None if personal else diagnostics.agg_noise(before, after, starts, updates, weights),
+            "init_noise": None if personal else diagnostics.mean_defined(inits),
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_down": sum(r["bytes_down"] for r in rows),
         }

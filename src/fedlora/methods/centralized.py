@@ -1,0 +1,46 @@
+"""Centralized reference (upper bound): one client holds every client's training data.
+
+One persistent LoRA at rank R = max r_k trains on the pooled data for as many steps per round
+as a client would; nothing is communicated. The global model is W_0 + s·BA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.methods.errors import MethodError
+from fedlora.methods.options import read_options
+from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+
+
+class Centralized:
+    name = "centralized"
+    summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
+    options: dict = {}
+    pooled = True  # the simulator trains client 0 on every client's training split
+    communicates = False
+
+    def __init__(self, setup: Setup) -> None:
+        read_options(self.name, self.options, setup.options)
+        if len(set(setup.scales.values())) != 1:
+            raise MethodError(f"lora.scale: centralized needs one scale, got {sorted(set(setup.scales.values()))}")
+        self.setup = setup
+        self.rank = max(setup.ranks.values())
+        self.scale = next(iter(setup.scales.values()))
+        gen = seeded_generator(setup.seed, 0)
+        self.factors = {
+            n: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
+            for n, (d_out, d_in) in setup.layers.items()
+        }
+
+    def plan(self, client: int, round: int) -> ClientPlan:
+        init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
+        return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        (update,) = updates
+        self.factors = {n: Factors(f.B.clone(), f.A.clone()) for n, f in update.factors.items()}
+
+    def global_delta(self) -> Delta:
+        return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

@@ -1,0 +1,68 @@
+"""Zero-padding: the heterogeneous-rank baseline of the FLoRA paper (Wang et al., NeurIPS 2024, §3).
+
+Every round each sampled client trains a fresh LoRA of its own rank r_k on the current merged
+base, like FLoRA. The server pads A_k (r_k × d_in) with zero rows and B_k (d_out × r_k) with
+zero columns to R = max_k r_k (per layer, over every client of the setup), averages each factor
+separately and merges the product into the base:
+
+    B̄ = Σ_k p_k pad(s_k B_k)   (d_out × R),    Ā = Σ_k p_k pad(A_k)   (R × d_in),
+    W_{t+1} = W_t + B̄ Ā.
+
+Padding alone changes nothing (pad(B) pad(A) = B A), but the product of the means holds the
+cross-client terms Σ_{j≠k} p_j p_k s_j pad(B_j) pad(A_k), so unlike FLoRA the merge is not
+Σ p_k s_k B_k A_k; with equal ranks and scales it is FedIT's s·B̄Ā (methods.md §1, §3 item 6).
+The per-round merges live in a MergedBase, so partial participation works exactly as in FLoRA:
+a client that skipped rounds receives every (d_out × R, R × d_in) merge it missed.
+"""
+
+from __future__ import annotations
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup, plan_for_layers
+from fedlora.methods.merged_base import MergedBase
+from fedlora.methods.options import Option, read_options
+from fedlora.ops.lowrank import LowRank, pad, weighted_mean
+
+
+class ZeroPad:
+    name = "zeropad"
+    summary = "Zero-pad every client's factors to the largest rank, average A and B separately, merge B̄Ā; fresh adapters each round."
+
+    options = {
+        "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+    }
+
+    def __init__(self, setup: Setup) -> None:
+        opts = read_options(self.name, self.options, setup.options)
+        self.setup = setup
+        self.uniform = opts["weights"] == "uniform"
+        self.base = MergedBase(setup.layers)
+        # R per layer: the largest rank any client of the setup trains on that layer
+        self.max_rank: dict[str, int] = {name: max(setup.rank_of(k, name) for k in setup.ranks) for name in setup.layers}
+
+    def plan(self, client: int, round: int) -> ClientPlan:
+        missing, version = self.base.missing(client)
+        rank, pattern = plan_for_layers(self.setup, client)
+        return ClientPlan(
+            client=client,
+            round=round,
+            rank=rank,
+            rank_pattern=pattern,
+            scale=self.setup.scales[client],
+            base_updates=missing,
+            base_version=version,
+        )
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        if self.uniform:
+            weights = [1.0 / len(updates)] * len(updates)
+        merged: Delta = {}
+        for name in self.setup.layers:
+            R = self.max_rank[name]
+            padded = [pad(u.factors[name].B * u.scale, u.factors[name].A, R) for u in updates]  # (d_out×R), (R×d_in)
+            B_bar = weighted_mean([B for B, _ in padded], weights)  # Σ p_k pad(s_k B_k): (d_out × R)
+            A_bar = weighted_mean([A for _, A in padded], weights)  # Σ p_k pad(A_k): (R × d_in)
+            merged[name] = [LowRank(B_bar, A_bar)]
+        self.base.merge(merged, [u.client for u in updates])
+
+    def global_delta(self) -> Delta:
+        return self.base.delta()

@@ -1,0 +1,82 @@
+"""Contract tests run over every registered method (style.md lesson 9)."""
+
+import pytest
+import torch
+
+from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+from fedlora.methods.base import Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
+from fedlora.ops.weights import data_weights
+from fedlora.sim import diagnostics
+from fedlora.train.client import ClientState, start_delta
+
+from tests.conftest import random_update
+
+LAYERS = {"l0.q": (10, 8), "l0.v": (6, 8), "l1.q": (10, 8)}
+HETERO = {0: 4, 1: 2, 2: 1}
+HOMO = {0: 2, 1: 2, 2: 2}
+
+
+def _setup_for(name):
+    """Heterogeneous ranks where the method accepts them, else one rank."""
+    for ranks in (HETERO, HOMO):
+        setup = Setup(LAYERS, ranks, {k: 2.0 for k in ranks}, seed=3, dtype=torch.float64)
+        try:
+            return build_method(name, setup), setup
+        except MethodError:
+            continue
+    raise AssertionError(f"{name} accepts neither heterogeneous nor equal ranks")
+
+
+def _train(plan, gen):
+    """A client's result: its initial factors (or fresh ones) plus a random step, at the plan's ranks."""
+    factors = {}
+    for n, (d_out, d_in) in LAYERS.items():
+        r = plan.rank_pattern.get(n, plan.rank)
+        init = (plan.init or {}).get(n) or Factors(torch.zeros(d_out, r, dtype=torch.float64), torch.randn(r, d_in, generator=gen, dtype=torch.float64))
+        step = random_update(plan.client, {n: (d_out, d_in)}, r, plan.scale, 1, gen).factors[n]
+        A = init.A.double() + (0.1 * step.A if plan.train_A else 0)
+        factors[n] = Factors(init.B.double() + 0.1 * step.B, A)
+    return factors
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_runs_rounds_with_partial_participation(name, gen):
+    method, setup = _setup_for(name)
+    assert method.name == name and isinstance(method.summary, str) and method.summary
+    assert isinstance(method.options, dict)
+    states = {k: ClientState() for k in setup.ranks}
+    pooled = getattr(method, "pooled", False)
+    for rnd, sampled in enumerate([(0, 1, 2), (0, 2), (1, 2)], start=1):
+        sampled = (0,) if pooled else sampled
+        before = method.global_delta()
+        updates, starts = [], []
+        for k in sampled:
+            sent = method.plan(k, rnd)
+            assert sent.client == k and sent.round == rnd and plan_nbytes(sent) >= 0
+            plan = client_prepare(method, sent)
+            states[k].catch_up(plan)
+            starts.append(start_delta(states[k], plan))
+            diagnostics.init_noise(before, starts[-1], plan)
+            from fedlora.methods.base import ClientUpdate
+
+            update = ClientUpdate(client=k, num_examples=5 + 3 * k, scale=plan.scale, factors=_train(plan, gen))
+            update = client_finish(method, plan, update)
+            assert update_nbytes(update, send_A=plan.train_A) > 0
+            updates.append(update)
+        weights = data_weights([u.num_examples for u in updates])
+        assert abs(sum(weights) - 1) < 1e-15 and min(weights) >= 0
+        method.aggregate(updates, weights, rnd)
+        after = method.global_delta()
+        for n, terms in after.items():
+            assert n in LAYERS
+            for t in terms:
+                assert t.B.shape[0] == LAYERS[n][0] and t.A.shape[1] == LAYERS[n][1]
+        if not getattr(method, "personal", False):
+            noise = diagnostics.agg_noise(before, after, starts, updates, weights)
+            assert noise is not None and noise >= 0
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_unknown_options_are_refused(name):
+    with pytest.raises(MethodError, match=rf"^federation\.options\.bogus: unknown option for {name}"):
+        build_method(name, Setup(LAYERS, HOMO, {k: 2.0 for k in HOMO}, options={"bogus": 1}))
