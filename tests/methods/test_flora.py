@@ -107,3 +107,17 @@ def test_options_are_checked():
         _flora(weights="size")
     with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: weights\)$"):
         _flora(wieghts="data")
+
+
+def test_scaling_multiplies_the_merge_and_shows_in_agg_noise(gen):
+    from fedlora.sim.diagnostics import agg_noise
+
+    m1, m2 = _flora(), _flora(scaling=0.5)
+    updates = [random_update(k, LAYERS, RANKS[k], SCALES[k], 10 * (k + 1), gen) for k in RANKS]
+    w = data_weights([u.num_examples for u in updates])
+    m1.aggregate(updates, w, 1)
+    m2.aggregate(updates, w, 1)
+    assert rel_err(m2.global_delta()["l0.q"][0].dense(), 0.5 * m1.global_delta()["l0.q"][0].dense()) < 1e-13
+    starts = [{} for _ in updates]
+    assert agg_noise({}, m1.global_delta(), starts, updates, w) < 1e-12
+    assert abs(agg_noise({}, m2.global_delta(), starts, updates, w) - 0.5) < 1e-12

@@ -22,12 +22,14 @@ class FLoRA:
 
     options = {
         "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+        "scaling": Option(1.0, "multiplier c on every p_k (the paper's scaling-factor study); c ≠ 1 is inexact by |c − 1|", low=0.0),
     }
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.uniform = opts["weights"] == "uniform"
+        self.scaling = float(opts["scaling"])
         self.base = MergedBase(setup.layers)
 
     def plan(self, client: int, round: int) -> ClientPlan:
@@ -49,7 +51,7 @@ class FLoRA:
         merged: Delta = {}
         for name in self.setup.layers:
             terms = [
-                LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p))  # (d_out×r_k), (r_k×d_in)
+                LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p * self.scaling))  # (d_out×r_k), (r_k×d_in)
                 for u, p in zip(updates, weights)
             ]
             merged[name] = [stack(terms)]  # (d_out × Σr_k) @ (Σr_k × d_in)
