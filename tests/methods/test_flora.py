@@ -105,7 +105,7 @@ def test_options_are_checked():
 
     with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flora \(accepted: data, uniform\)$"):
         _flora(weights="size")
-    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: weights\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: scaling, weights\)$"):
         _flora(wieghts="data")
 
 
