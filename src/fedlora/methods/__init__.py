@@ -7,7 +7,9 @@ from fedlora.methods.errors import MethodError
 from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.flora import FLoRA
+from fedlora.methods.ffa import FFALoRA
 from fedlora.methods.local import LocalOnly
+from fedlora.methods.zeropad import ZeroPad
 
 REGISTRY: dict[str, type] = {}
 
@@ -20,7 +22,7 @@ def register(cls: type) -> type:
     return cls
 
 
-for _cls in (FedIT, FLoRA, Centralized, LocalOnly):
+for _cls in (FLoRA, FedIT, ZeroPad, FFALoRA, Centralized, LocalOnly):
     register(_cls)
 
 
