@@ -50,6 +50,8 @@ def test_lora_rank_override_replaces_the_ranks_list():
         (["lora.scale=[1.0, 2.0]"], r"^lora\.scale: 2 scales for federation\.num_clients=3"),
         (["train.micro_batch_size=16"], r"^train\.micro_batch_size: 16 > train\.batch_size=4$"),
         (["nonsense"], r"^override: 'nonsense' is not key=value"),
+        (["lora.adapter=adalora", "federation.method=fedit", "lora.rank=2"], r"^lora\.adapter: 'adalora' works with federation\.method=flora only, got 'fedit'"),
+        (["lora.adapter=dora"], r"^lora\.adapter: .*'lora' or 'adalora'.*, got 'dora'$"),
         (["lora.rank_patterns={v_proj: [1, 2]}"], r"^lora\.rank_patterns\.v_proj: \[1, 2\] \(accepted: one positive rank, or exactly 3 of them\)$"),
     ],
 )

@@ -40,6 +40,9 @@ class LoraCfg(Section):
         default_factory=dict, description="Per-layer ranks: module-name suffix (e.g. mlp.down_proj) → one rank, or one per client."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    adapter: Literal["lora", "adalora"] = Field("lora", description="Local adapter type; adalora prunes each client's rank while it trains (flora only).")
+    adalora_target: float = Field(0.5, gt=0, le=1, description="AdaLoRA: average rank kept, as a fraction of r_k.")
+    adalora_orth_reg: float = Field(0.5, ge=0, description="AdaLoRA: orthogonality regulariser weight.")
 
     @field_validator("ranks", "target_modules", "scale", mode="before")
     @classmethod
@@ -129,6 +132,10 @@ class Config(Section):
             raise ValueError(f"lora.scale: {len(self.lora.scale)} scales for federation.num_clients={n} (accepted: one number, or exactly {n})")
         if self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients: {self.federation.min_clients} > federation.num_clients={n}")
+        if self.lora.adapter == "adalora" and self.federation.method != "flora":
+            raise ValueError(f"lora.adapter: 'adalora' works with federation.method=flora only, got {self.federation.method!r} (accepted: lora)")
+        if self.lora.adapter == "adalora" and (self.train.local_steps < 2 or self.lora.rank_patterns):
+            raise ValueError("lora.adapter: 'adalora' needs train.local_steps >= 2 (a budgeting phase) and no lora.rank_patterns")
         if self.train.micro_batch_size > self.train.batch_size:
             raise ValueError(f"train.micro_batch_size: {self.train.micro_batch_size} > train.batch_size={self.train.batch_size}")
         return self

@@ -30,7 +30,7 @@ def test_fresh_adapter_leaves_outputs_unchanged(tiny_llama):
     ids = torch.randint(0, 64, (2, 9))
     base = _logits(host.model, ids)
     with host.adapter(4, 2.0, TARGETS, seed=7) as pm:
-        factors = read_factors(host.lora_layers(pm))
+        factors = read_factors(host.lora_layers(pm), 2.0)
         assert all(torch.count_nonzero(f.B) == 0 and torch.count_nonzero(f.A) > 0 for f in factors.values())
         assert torch.equal(_logits(pm, ids), base)
     assert torch.equal(_logits(host.model, ids), base)

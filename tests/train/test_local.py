@@ -121,3 +121,43 @@ def test_regularizer_enters_the_gradient(tiny_llama, gen):
     assert calls == [len(shapes)] * 3  # once per optimizer step, over every adapted layer
     norm = lambda u: sum(float(f.A.norm()) for f in u.factors.values())  # noqa: E731
     assert norm(shrunk) < norm(plain)
+
+
+def test_adalora_prunes_and_its_factors_reproduce_the_adapter(tiny_llama, gen):
+    """FLoRA + AdaLoRA: E and PEFT's exact scale fold into A; pruned components are dropped."""
+    from fedlora.model.adapters import AdaLoraSpec, read_factors
+    from fedlora.ops.lowrank import LowRank
+
+    shapes = target_layer_shapes(tiny_llama, TARGETS)
+    host = AdapterHost(tiny_llama, list(shapes))
+    ids = torch.randint(3, 64, (2, 8), generator=gen)
+    spec = AdaLoraSpec(target_r=2, total_step=3)
+    with host.adapter(4, 2.0, TARGETS, adalora=spec) as pm:
+        for layer in host.lora_layers(pm).values():  # a trained-looking adapter: nonzero E and B
+            with torch.no_grad():
+                layer.lora_E["default"].normal_(generator=gen)
+                layer.lora_E["default"][0] = 0.0  # one pruned component
+                layer.lora_B["default"].normal_(generator=gen)
+        with torch.no_grad():
+            expected = pm(input_ids=ids).logits
+        factors = read_factors(host.lora_layers(pm), 2.0)
+    assert all(f.rank == 3 for f in factors.values())
+    host.set_delta({n: [LowRank(2.0 * f.B.double(), f.A.double())] for n, f in factors.items()})
+    with torch.no_grad():
+        got = host.model(input_ids=ids).logits
+    host.restore()
+    assert rel_err(got, expected) < 1e-6  # float32 factors
+
+
+def test_adalora_training_reduces_the_rank(tiny_llama, gen):
+    from fedlora.train.local import LocalTrainer
+
+    shapes = target_layer_shapes(tiny_llama, TARGETS)
+    host = AdapterHost(tiny_llama, list(shapes))
+    cfg = TrainCfg(local_steps=4, batch_size=4, micro_batch_size=4, lr=1e-2)
+    trainer = LocalTrainer(host, cfg, TARGETS, 0, torch.device("cpu"), 0, adalora_target=0.5)
+    m = build_method("flora", Setup(shapes, {0: 4}, {0: 2.0}))
+    update, stats = trainer.fit(m.plan(0, 1), ClientState(), _examples(16, gen))
+    total = sum(f.rank for f in update.factors.values())
+    assert total <= 2 * len(shapes) < 4 * len(shapes)  # budget: average rank 2 of 4
+    assert all(torch.isfinite(f.A).all() for f in update.factors.values())

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedlora.methods.base import Delta, Factors
 from fedlora.ops.lowrank import fold_terms
 
 ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class AdaLoraSpec:
+    """AdaLoRA local adapters (Zhang et al., 2023): start at rank r, prune to ~target_r on average."""
+
+    target_r: int
+    total_step: int
+    tfinal: int = 1
+    orth_reg_weight: float = 0.5
 
 
 class AdapterHost:
@@ -46,18 +57,28 @@ class AdapterHost:
     def adapter(
         self, rank: int, scale: float, target_modules: list[str], init: dict[str, Factors] | None = None,
         train_A: bool = True, seed: int = 0, dropout: float = 0.0, rank_pattern: dict[str, int] | None = None,
+        adalora: AdaLoraSpec | None = None,
     ) -> Iterator[PeftModel]:
         """Attach a LoRA (rank r, lora_alpha = s·r) for the duration of the block, then remove it.
 
         ``rank_pattern`` gives some layers (full module paths) another rank, same scale s.
         A fresh adapter draws A with PEFT's own init under ``seed`` (B = 0); ``init`` overrides
         both factors. The base model comes back without LoRA layers; its weights are untouched.
+        With ``adalora`` the layers are PEFT AdaLoRA layers (fresh only: no init, no rank_pattern).
         """
         pattern = {f"^{re.escape(n)}": r for n, r in (rank_pattern or {}).items()}
-        config = LoraConfig(
-            r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules, bias="none",
-            rank_pattern=pattern, alpha_pattern={k: scale * r for k, r in pattern.items()},
-        )
+        if adalora is not None:
+            assert init is None and not pattern, "AdaLoRA adapters start fresh at one rank"
+            config = AdaLoraConfig(
+                init_r=rank, target_r=adalora.target_r, total_step=adalora.total_step, tinit=0, tfinal=adalora.tfinal,
+                deltaT=1, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules,
+                orth_reg_weight=adalora.orth_reg_weight,
+            )
+        else:
+            config = LoraConfig(
+                r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                rank_pattern=pattern, alpha_pattern={k: scale * r for k, r in pattern.items()},
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             peft_model = get_peft_model(self.model, config)
@@ -68,7 +89,7 @@ class AdapterHost:
                 write_factors(layers, init)
             if not train_A:
                 for layer in layers.values():
-                    layer.lora_A[ADAPTER].weight.requires_grad_(False)
+                    _weight(layer.lora_A[ADAPTER]).requires_grad_(False)
             yield peft_model
         finally:
             self.model = peft_model.unload()
@@ -77,7 +98,7 @@ class AdapterHost:
     @staticmethod
     def live_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The trainable (B, A) parameters by layer, for regularisers."""
-        return {n: (m.lora_B[ADAPTER].weight, m.lora_A[ADAPTER].weight) for n, m in AdapterHost.lora_layers(peft_model).items()}
+        return {n: (_weight(m.lora_B[ADAPTER]), _weight(m.lora_A[ADAPTER])) for n, m in AdapterHost.lora_layers(peft_model).items()}
 
     @staticmethod
     def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
@@ -86,22 +107,51 @@ class AdapterHost:
         return {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
 
 
-def read_factors(layers: dict[str, LoraLayer]) -> dict[str, Factors]:
-    """Detached float32 copies of every layer's (B, A) on the CPU."""
-    return {
-        name: Factors(
-            B=layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
-            A=layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
-        )
-        for name, layer in layers.items()
-    }
+def read_factors(layers: dict[str, LoraLayer], scale: float) -> dict[str, Factors]:
+    """Detached float32 copies of every layer's (B, A) on the CPU, such that s·B·A is its delta.
+
+    An AdaLoRA layer computes B (A ⊙ E) · α / (ranknum + 1e-5): its singular values E and that
+    exact scale are folded into A (relative to s), and pruned components (E = 0) are dropped,
+    so the rank read back is the layer's final local rank.
+    """
+    out = {}
+    for name, layer in layers.items():
+        B = _param(layer.lora_B[ADAPTER])
+        A = _param(layer.lora_A[ADAPTER])
+        if hasattr(layer, "lora_E"):
+            E = layer.lora_E[ADAPTER].detach().to("cpu", torch.float64)  # (r × 1)
+            ratio = float(layer.scaling[ADAPTER]) / (float(layer.ranknum[ADAPTER].detach()) + 1e-5) / scale
+            keep = E[:, 0] != 0
+            A = (A.double() * E * ratio)[keep].float()
+            B = B[:, keep].clone()
+        out[name] = Factors(B=B, A=A)
+    return out
+
+
+def _param(p: torch.Tensor | torch.nn.Module) -> torch.Tensor:
+    return _weight(p).detach().to("cpu", torch.float32).clone()
+
+
+def orthogonal_penalty(peft_model: PeftModel, weight: float) -> torch.Tensor:
+    """AdaLoRA's regulariser, as PEFT adds it to a labelled forward: w · mean ‖PPᵀ − I‖_F over A and B."""
+    terms = []
+    for layer in AdapterHost.lora_layers(peft_model).values():
+        A, B = _weight(layer.lora_A[ADAPTER]), _weight(layer.lora_B[ADAPTER])
+        for cov in (A @ A.T, B.T @ B):
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    return weight * torch.stack(terms).mean()
 
 
 def write_factors(layers: dict[str, LoraLayer], factors: dict[str, Factors]) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             f = factors[name]
-            b, a = layer.lora_B[ADAPTER].weight, layer.lora_A[ADAPTER].weight
+            b, a = _weight(layer.lora_B[ADAPTER]), _weight(layer.lora_A[ADAPTER])
             assert b.shape == f.B.shape and a.shape == f.A.shape, f"{name}: factor shapes {tuple(f.B.shape)}, {tuple(f.A.shape)}"
             b.copy_(f.B)
             a.copy_(f.A)
+
+
+def _weight(p: torch.Tensor | torch.nn.Module) -> torch.Tensor:
+    """LoRA keeps factors in nn.Linear modules, AdaLoRA as bare parameters."""
+    return p.weight if isinstance(p, torch.nn.Module) else p

@@ -90,7 +90,10 @@ def prepare(cfg: Config) -> Experiment:
     examples, tokenized = [e for e, _ in kept], [t for _, t in kept]  # over-long prompts are dropped
     clients, global_test, info = split_clients(cfg, examples, tokenized)
     host = AdapterHost(model, list(shapes))
-    trainer = LocalTrainer(host, cfg.train, cfg.lora.target_modules, tokenizer.pad_token_id, device, cfg.seed, cfg.lora.dropout)
+    trainer = LocalTrainer(
+        host, cfg.train, cfg.lora.target_modules, tokenizer.pad_token_id, device, cfg.seed, cfg.lora.dropout,
+        adalora_target=cfg.lora.adalora_target if cfg.lora.adapter == "adalora" else None, adalora_orth_reg=cfg.lora.adalora_orth_reg,
+    )
     log.info("model %s on %s (%s); %d examples over %d clients", model_dir, device, dtype, len(tokenized), len(clients))
     return Experiment(cfg, model_dir, device, host, tokenizer, clients, global_test, method, trainer, info)
 

@@ -111,6 +111,7 @@ class Simulation:
                 "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
                 "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(sent),
                 "init_noise": inits[-1], "padded_fraction": stats.padded_fraction,
+                "local_rank_sum": sum(f.rank for f in update.factors.values()),  # Σ over layers; AdaLoRA prunes it
             })
         weights = data_weights([u.num_examples for u in updates])
         exp.method.aggregate(updates, weights, rnd)
@@ -131,4 +132,5 @@ class Simulation:
             "init_noise": None if personal else diagnostics.mean_defined(inits),
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_down": sum(r["bytes_down"] for r in rows),
+            "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
         }

@@ -12,7 +12,7 @@ from fedlora.config import TrainCfg
 from fedlora.data.batching import collate, length_grouped_batches
 from fedlora.data.formatting import TokenizedExample
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
-from fedlora.model.adapters import AdapterHost, read_factors
+from fedlora.model.adapters import AdaLoraSpec, AdapterHost, orthogonal_penalty, read_factors
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.train.client import ClientState, start_delta
 from fedlora.train.loss import answer_loss_sum
@@ -36,9 +36,20 @@ class FitStats:
 class LocalTrainer:
     """Trains one client's plan on the shared base model."""
 
-    def __init__(self, host: AdapterHost, cfg: TrainCfg, target_modules: list[str], pad_id: int, device: torch.device, seed: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, host: AdapterHost, cfg: TrainCfg, target_modules: list[str], pad_id: int, device: torch.device, seed: int,
+        dropout: float = 0.0, adalora_target: float | None = None, adalora_orth_reg: float = 0.5,
+    ) -> None:
         self.host, self.cfg, self.target_modules = host, cfg, target_modules
         self.pad_id, self.device, self.seed, self.dropout = pad_id, device, seed, dropout
+        self.adalora_target, self.adalora_orth_reg = adalora_target, adalora_orth_reg  # None: plain LoRA
+
+    def _adalora(self, rank: int) -> AdaLoraSpec | None:
+        """AdaLoRA prunes a client's rank r towards ⌈target·r⌉ on average within its local steps."""
+        if self.adalora_target is None:
+            return None
+        target_r = max(1, math.ceil(self.adalora_target * rank))
+        return AdaLoraSpec(target_r=target_r, total_step=self.cfg.local_steps, tfinal=1, orth_reg_weight=self.adalora_orth_reg)
 
     def fit(
         self, plan: ClientPlan, state: ClientState, train: Sequence[TokenizedExample],
@@ -50,11 +61,14 @@ class LocalTrainer:
         try:
             with self.host.adapter(
                 plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed,
-                dropout=self.dropout, rank_pattern=plan.rank_pattern,
+                dropout=self.dropout, rank_pattern=plan.rank_pattern, adalora=self._adalora(plan.rank),
             ) as peft_model:
-                penalty = (lambda: regularizer(self.host.live_factors(peft_model))) if regularizer else None
+                penalties = [lambda: regularizer(self.host.live_factors(peft_model))] if regularizer else []
+                if self.adalora_target is not None:
+                    penalties.append(lambda: orthogonal_penalty(peft_model, self.adalora_orth_reg))
+                penalty = (lambda: sum(p() for p in penalties)) if penalties else None
                 stats = self._loop(peft_model, train, run_seed, on_step, penalty)
-                factors = read_factors(self.host.lora_layers(peft_model))
+                factors = read_factors(self.host.lora_layers(peft_model), plan.scale)
         finally:
             self.host.restore()
         update = ClientUpdate(client=plan.client, num_examples=len(train), scale=plan.scale, factors=factors, train_loss=stats.train_loss)
@@ -84,6 +98,8 @@ class LocalTrainer:
                 penalty().backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if self.adalora_target is not None:  # importance scores need the gradients: before zero_grad
+                model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / max(n_answer, 1))
             if on_step:
