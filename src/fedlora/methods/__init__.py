@@ -6,8 +6,11 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.errors import MethodError
 from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedit import FedIT
+from fedlora.methods.fedplora import FedPLoRA
 from fedlora.methods.flora import FLoRA
 from fedlora.methods.ffa import FFALoRA
+from fedlora.methods.flexlora import FlexLoRA
+from fedlora.methods.hetlora import HetLoRA
 from fedlora.methods.local import LocalOnly
 from fedlora.methods.zeropad import ZeroPad
 
@@ -22,7 +25,7 @@ def register(cls: type) -> type:
     return cls
 
 
-for _cls in (FLoRA, FedIT, ZeroPad, FFALoRA, Centralized, LocalOnly):
+for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, Centralized, LocalOnly):
     register(_cls)
 
 

@@ -1,0 +1,86 @@
+"""Run every registered method on one config (same split, same seed) and tabulate the results.
+
+    python bench/methods_table.py configs/tiny.yaml --out runs/methods-tiny [key=value ...]
+
+Methods that need one rank for everyone (fedit, ffa) run with lora.rank = the smallest
+client rank (every client can afford it), or --homogeneous-rank R. Writes <out>/<method>/ run folders,
+<out>/table.md and <out>/table.json; a method whose run folder already has summary.json is
+not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fedlora.config import load_config
+from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+
+
+def needs_one_rank(name: str, ranks: list[int]) -> bool:
+    layers = {"l": (8, 8)}
+    try:
+        build_method(name, Setup(layers, dict(enumerate(ranks)), {k: 2.0 for k in range(len(ranks))}))
+        return False
+    except MethodError:
+        return True
+
+
+def run(config: str, out: Path, name: str, overrides: list[str]) -> dict:
+    folder = out / name
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        if folder.exists():
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+        cmd = [sys.executable, "-m", "fedlora.cli", "run", config, f"federation.method={name}", f"output.dir={folder}", *overrides]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(summary.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--homogeneous-rank", type=int, default=None)
+    ap.add_argument("--methods", default=",".join(REGISTRY))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    ranks = cfg.client_ranks()
+    one_rank = args.homogeneous_rank or min(ranks)
+    rows = []
+    for name in args.methods.split(","):
+        extra = [f"lora.rank={one_rank}"] if needs_one_rank(name, ranks) else []
+        s = run(args.config, args.out, name, [*args.overrides, *extra])
+        rows.append({
+            "method": name, "ranks": f"all {one_rank}" if extra else ",".join(map(str, ranks)),
+            "loss_before": s["global_loss"]["before"], "loss_after": s["global_loss"]["after"],
+            "mb_up": s["bytes_up"] / 1e6, "mb_down": s["bytes_down"] / 1e6,
+            "agg_noise": s["agg_noise_mean"], "init_noise": s["init_noise_mean"], "wall_s": s["wall_s"],
+        })
+    fmt = lambda x, p=4: "—" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [
+        "| method | ranks | global loss before → after | MB up | MB down | mean agg_noise | mean init_noise | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['method']}` | {r['ranks']} | {fmt(r['loss_before'])} → {fmt(r['loss_after'])} | {fmt(r['mb_up'], 1)} | "
+            f"{fmt(r['mb_down'], 1)} | {fmt(r['agg_noise'], 3)} | {fmt(r['init_noise'], 3)} | {fmt(r['wall_s'], 0)} |"
+        )
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    footer = f"\nCommand: `python bench/methods_table.py {args.config} --out {args.out} {' '.join(args.overrides)}`; machine: {machine}.\n"
+    (args.out / "table.md").write_text("\n".join(lines) + "\n" + footer)
+    (args.out / "table.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2))
+    print("\n".join(lines) + footer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""HETLoRA: heterogeneous-rank LoRA with rank self-pruning (Cho et al., NAACL Findings 2024).
+
+The server keeps one global rank-R pair per layer, R = max_k r_k (per layer), never merged into
+the base. Client k starts from its truncation (B_g[:, :r_k], A_g[:r_k, :]), trains with the
+tail penalty λ Σ_layers ‖B[:, h:]‖_F ‖A[h:, :]‖_F, h = ⌊γ r⌋, and self-prunes: when that tail
+norm fell during the round its rank becomes max(r_min, ⌊γ r⌋) and it uploads only the kept
+components. Ranks never grow. The server zero-pads every update to R and averages the factors
+with weights w_k ∝ ‖s_k B_k A_k‖_F (``weights: data``: p_k) (methods.md §1).
+
+Scales: the server stores the global B with the scale folded in, B̃_g = Σ w_k pad(s_k B_k), so
+the global update is B̃_g A_g and client k receives B̃_g[:, :r_k] / s_k. With one s for every
+client (the config default) B̃_g = s·B_g and the global update is s·B_g A_g exactly as methods.md
+writes it; with unequal s_k each client still starts from the truncated global function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import Any, Mapping
+
+import torch
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Regularizer, Setup
+from fedlora.methods.errors import MethodError
+from fedlora.methods.options import Option, read_options
+from fedlora.ops.lowrank import LowRank, frob_norm, kaiming_A, pad, seeded_generator, truncate, weighted_mean
+
+
+@dataclass(frozen=True)
+class _Number(Option):
+    """A numeric option that may exclude its lower bound or require an integer."""
+
+    open_low: bool = False
+    integer: bool = False
+
+    def accepted(self) -> str:
+        hi = "inf" if self.high is None else self.high
+        return f"{'an integer' if self.integer else 'a number'} in {'(' if self.open_low else '['}{self.low}, {hi}]"
+
+    def check(self, method: str, key: str, value: Any) -> Any:
+        value = super().check(method, key, value)
+        if (self.open_low and value == self.low) or (self.integer and value != int(value)):
+            raise MethodError(f"federation.options.{key}: invalid value {value!r} for {method} (accepted: {self.accepted()})")
+        return value
+
+
+def head(rank: int, gamma: float) -> int:
+    """⌊γ r⌋, with γ read as the decimal it was written as (0.29·100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(gamma))) * rank)
+
+
+def pruned_rank(rank: int, gamma: float, r_min: int) -> int:
+    """The rank after one self-pruning step: max(r_min, ⌊γ r⌋), never above r."""
+    return min(rank, max(r_min, head(rank, gamma)))
+
+
+def tail_norm(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], gamma: float) -> torch.Tensor:
+    """Σ_layers ‖B[:, h:]‖_F · ‖A[h:, :]‖_F, h = ⌊γ r⌋; differentiable in the live (B, A).
+
+    B: (d_out × r), A: (r × d_in) per layer; an empty tail (h = r) contributes 0.
+    """
+    terms = []
+    for B, A in pairs.values():
+        h = head(A.shape[0], gamma)
+        terms.append(torch.linalg.matrix_norm(B[:, h:]) * torch.linalg.matrix_norm(A[h:]))
+    return torch.stack(terms).sum()
+
+
+def _float64(factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (f.B.double(), f.A.double()) for n, f in factors.items()}
+
+
+class HetLoRA:
+    name = "hetlora"
+    summary = "Truncate a global rank-R LoRA to r_k, tail-regularise and self-prune, zero-pad and norm-weight the average."
+
+    options = {
+        "gamma": _Number(0.99, "γ: the tail starts at component ⌊γ r⌋; pruning keeps max(r_min, ⌊γ r⌋)", low=0.0, high=1.0, open_low=True),
+        "reg": Option(0.01, "λ: weight of the tail penalty λ Σ ‖B_tail‖_F ‖A_tail‖_F", low=0.0),
+        "r_min": _Number(1, "smallest rank a client may prune to", low=1, integer=True),
+        "weights": Option("norm", "w_k ∝ ‖s_k B_k A_k‖_F (norm) or p_k from example counts (data)", choices=("norm", "data")),
+    }
+
+    def __init__(self, setup: Setup) -> None:
+        opts = read_options(self.name, self.options, setup.options)
+        self.setup = setup
+        self.gamma, self.reg, self.r_min = float(opts["gamma"]), float(opts["reg"]), int(opts["r_min"])
+        self.by_norm = opts["weights"] == "norm"
+        smallest = min(setup.rank_of(k, n) for k in setup.ranks for n in setup.layers)
+        if self.r_min > smallest:
+            raise MethodError(
+                f"federation.options.r_min: invalid value {opts['r_min']!r} for hetlora "
+                f"(accepted: an integer in [1, {smallest}], the smallest client rank)"
+            )
+        if any(s <= 0 for s in setup.scales.values()):
+            raise MethodError(f"lora.scale: hetlora needs every s_k > 0, got {sorted(setup.scales.values())}")
+        self.R = {n: max(setup.rank_of(k, n) for k in setup.ranks) for n in setup.layers}
+        gen = seeded_generator(setup.seed, 0)
+        self.glob: dict[str, LowRank] = {  # (B̃_g, A_g): (d_out × R), (R × d_in); B̃_g carries the scale
+            n: LowRank(torch.zeros(d_out, self.R[n], dtype=setup.dtype), kaiming_A(self.R[n], d_in, gen, setup.dtype))
+            for n, (d_out, d_in) in setup.layers.items()
+        }
+        self.rank: dict[int, int] = dict(setup.ranks)  # each client's current default rank
+        self.layer_ranks: dict[int, dict[str, int]] = {k: setup.layer_ranks(k) for k in setup.ranks}
+        self.last_weights: list[float] = []
+
+    def plan(self, client: int, round: int) -> ClientPlan:
+        """The truncation (B̃_g[:, :r] / s_k, A_g[:r]) at the client's current ranks; γ, λ, r_min as config."""
+        ranks, s = self.layer_ranks[client], self.setup.scales[client]
+        init = {n: Factors(B=g.B[:, : ranks[n]] / s, A=g.A[: ranks[n]].clone()) for n, g in self.glob.items()}
+        rank = self.rank[client]
+        return ClientPlan(
+            client=client, round=round, rank=rank, scale=s, init=init,
+            rank_pattern={n: r for n, r in ranks.items() if r != rank},
+            meta={"gamma": self.gamma, "reg": self.reg, "r_min": self.r_min},
+        )
+
+    def client_regularizer(self, plan: ClientPlan) -> Regularizer | None:
+        """λ · tail_norm(live factors), or None when λ = 0."""
+        lam, gamma = float(plan.meta["reg"]), float(plan.meta["gamma"])
+        if lam == 0.0:
+            return None
+        return lambda live: lam * tail_norm(live, gamma)
+
+    def client_finish(self, plan: ClientPlan, update: ClientUpdate) -> ClientUpdate:
+        """Self-prune: if the tail norm fell from plan.init to the trained factors, keep max(r_min, ⌊γ r⌋)."""
+        gamma, r_min = float(plan.meta["gamma"]), int(plan.meta["r_min"])
+        assert plan.init is not None, "hetlora plans always carry the truncated global factors"
+        fell = float(tail_norm(_float64(update.factors), gamma)) < float(tail_norm(_float64(plan.init), gamma))
+        if not fell:
+            return replace(update, meta={**update.meta, "rank": plan.rank})
+        factors = {n: Factors(*truncate(f.B, f.A, pruned_rank(f.rank, gamma, r_min))) for n, f in update.factors.items()}
+        return replace(update, factors=factors, meta={**update.meta, "rank": pruned_rank(plan.rank, gamma, r_min)})
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        """B̃_g = Σ w_k pad(s_k B_k), A_g = Σ w_k pad(A_k) over the sampled clients; learn pruned ranks."""
+        for u in updates:
+            self._learn_ranks(u)
+        w = self._weights(updates, weights)
+        dt = self.setup.dtype
+        new: dict[str, LowRank] = {}
+        for n, R in self.R.items():
+            padded = [pad(u.factors[n].B.to(dt) * u.scale, u.factors[n].A.to(dt), R) for u in updates]  # (d_out×R), (R×d_in)
+            new[n] = LowRank(weighted_mean([b for b, _ in padded], w), weighted_mean([a for _, a in padded], w))
+        self.glob, self.last_weights = new, w
+
+    def global_delta(self) -> Delta:
+        """G_t − W_0 = B̃_g A_g per layer (= s·B_g A_g with one common scale)."""
+        return {n: [LowRank(g.B, g.A)] for n, g in self.glob.items()}
+
+    def _weights(self, updates: list[ClientUpdate], weights: list[float]) -> list[float]:
+        """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense); p_k if every norm is 0."""
+        if not self.by_norm:
+            return list(weights)
+        norms = [
+            math.sqrt(sum(frob_norm([LowRank(f.B.double() * u.scale, f.A.double())]) ** 2 for f in u.factors.values()))
+            for u in updates
+        ]
+        total = sum(norms)
+        return [x / total for x in norms] if total > 0 else list(weights)
+
+    def _learn_ranks(self, u: ClientUpdate) -> None:
+        """Record a client's ranks from its upload's shapes; they may only shrink, never below r_min."""
+        k = u.client
+        for n, f in u.factors.items():
+            if not self.r_min <= f.rank <= self.layer_ranks[k][n]:
+                allowed = f"{self.r_min}..{self.layer_ranks[k][n]}"
+                raise ValueError(f"hetlora: client {k} uploaded rank {f.rank} on {n}; allowed {allowed} (ranks never grow)")
+        self.layer_ranks[k] = {n: f.rank for n, f in u.factors.items()}
+        self.rank[k] = min(self.rank[k], int(u.meta.get("rank", self.rank[k])))
