@@ -78,3 +78,19 @@ def test_bad_override_exits_2_with_one_line(tmp_path):
     msg = proc.stderr.strip()
     assert msg.startswith("error: lora.ranks: 2 ranks [4, 2] for federation.num_clients=3") and "\n" not in msg
     assert not any(tmp_path.iterdir())  # nothing written before the config is valid
+
+
+def test_overrides_without_a_config_apply_to_the_default(tmp_path):
+    proc = fedlora("run", "federation.rounds=0", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: federation.rounds:")
+
+
+def test_methods_command_lists_every_method_and_option(tmp_path):
+    from fedlora.methods import REGISTRY
+
+    proc = fedlora("methods", cwd=tmp_path)
+    assert proc.returncode == 0
+    for name, cls in REGISTRY.items():
+        assert name in proc.stdout
+        for option in cls.options:
+            assert option in proc.stdout
