@@ -8,6 +8,7 @@ from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.fedplora import FedPLoRA
 from fedlora.methods.flora import FLoRA
+from fedlora.methods.full import FullFedAvg
 from fedlora.methods.ffa import FFALoRA
 from fedlora.methods.flexlora import FlexLoRA
 from fedlora.methods.hetlora import HetLoRA
@@ -25,7 +26,7 @@ def register(cls: type) -> type:
     return cls
 
 
-for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, Centralized, LocalOnly):
+for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FullFedAvg, Centralized, LocalOnly):
     register(_cls)
 
 
