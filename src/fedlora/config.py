@@ -84,6 +84,7 @@ class FederationCfg(Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
     min_clients: int = Field(1, ge=1, description="At least this many clients per round.")
     options: dict[str, Any] = Field(default_factory=dict, description="Method options, e.g. weights: uniform.")
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of factors on the wire (Flower).")
 
 
 class TrainCfg(Section):
