@@ -79,6 +79,7 @@ class ClientPlan:
     fold: Delta = field(default_factory=dict)
     train_A: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # dense task head (classifier), FedAvg'd outside the method
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ClientUpdate:
     factors: dict[str, Factors]
     train_loss: float = float("nan")
     meta: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Regularizer = Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
@@ -153,7 +155,7 @@ def plan_nbytes(plan: ClientPlan) -> int:
         for terms in delta.values():
             for t in terms:
                 ts += [t.B, t.A]
-    return tensors_nbytes(ts) + _meta_nbytes(plan.meta)
+    return tensors_nbytes([*ts, *plan.head.values()]) + _meta_nbytes(plan.meta)
 
 
 def update_nbytes(update: ClientUpdate, send_A: bool = True) -> int:
@@ -161,7 +163,7 @@ def update_nbytes(update: ClientUpdate, send_A: bool = True) -> int:
     ts: list[torch.Tensor] = []
     for f in update.factors.values():
         ts += [f.B, f.A] if send_A else [f.B]
-    return tensors_nbytes(ts) + _meta_nbytes(update.meta)
+    return tensors_nbytes([*ts, *update.head.values()]) + _meta_nbytes(update.meta)
 
 
 def _meta_nbytes(meta: Mapping[str, Any]) -> int:

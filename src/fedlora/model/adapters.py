@@ -35,12 +35,27 @@ class AdaLoraSpec:
 class AdapterHost:
     """Owns the base model and a pristine copy of its target weights."""
 
-    def __init__(self, model: torch.nn.Module, layer_names: list[str]) -> None:
+    def __init__(self, model: torch.nn.Module, layer_names: list[str], head_modules: list[str] | None = None) -> None:
         self.model = model
         self.layer_names = list(layer_names)
         modules = dict(model.named_modules())
         self._linears = {n: modules[n] for n in self.layer_names}
         self._pristine = {n: m.weight.detach().clone() for n, m in self._linears.items()}
+        # a task head (e.g. a classifier) trained densely by every client; PEFT's wrapping keeps these objects
+        self._head = {f"{m}.{p}": t for m in head_modules or [] for p, t in modules[m].named_parameters()}
+
+    def initial_head(self) -> dict[str, torch.Tensor]:
+        """The head as loaded (seeded init): the server's starting point."""
+        return self.read_head()
+
+    def read_head(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self._head.items()}
+
+    def set_head(self, head: dict[str, torch.Tensor], trainable: bool = False) -> None:
+        with torch.no_grad():
+            for n, p in self._head.items():
+                p.copy_(head[n])
+                p.requires_grad_(trainable)
 
     def set_delta(self, delta: Delta) -> None:
         """Target weights := W_0 + Σ delta (layers absent from delta get W_0)."""
@@ -93,7 +108,7 @@ class AdapterHost:
             yield peft_model
         finally:
             self.model = peft_model.unload()
-            self.model.requires_grad_(False)
+            self.model.requires_grad_(False)  # also freezes a head made trainable inside the block
 
     @staticmethod
     def live_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -17,7 +17,7 @@ from fedlora.ops.weights import data_weights
 from fedlora.sim import diagnostics
 from fedlora.sim.experiment import Experiment
 from fedlora.train.client import ClientState, start_delta
-from fedlora.train.evaluate import heldout_loss
+from fedlora.ops.lowrank import weighted_mean
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
@@ -25,6 +25,10 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
     m = min(num_clients, max(min_clients, int(round_half_up(fraction * num_clients))))
     rng = np.random.default_rng([seed, round])
     return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
+
+
+def _fedavg(heads: list[dict], weights: list[float]) -> dict:
+    return {n: weighted_mean([h[n] for h in heads], weights) for n in heads[0]}
 
 
 def round_half_up(x: float) -> int:
@@ -48,6 +52,16 @@ class Simulation:
 
     def __post_init__(self) -> None:
         self.states = {c.id: ClientState() for c in self.exp.clients}
+        # a dense task head (classification) is FedAvg'd by the loop for every method; per client for a personal one
+        head = self.exp.host.initial_head()
+        self.heads = {c.id: head for c in self.exp.clients} if self._personal else {-1: head}
+
+    @property
+    def _personal(self) -> bool:
+        return getattr(self.exp.method, "personal", False)
+
+    def head_for(self, client: int) -> dict:
+        return self.heads[client if self._personal else -1]
 
     def evaluate(self) -> dict[str, Any]:
         """Global model G_t on the global test split and on every client's test split.
@@ -57,17 +71,19 @@ class Simulation:
         """
         exp = self.exp
         args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
-        loss = lambda data: heldout_loss(exp.host.model, data, *args)  # noqa: E731
+        score = lambda data: exp.trainer.task.evaluate(exp.host.model, data, *args)  # noqa: E731
         try:
-            if getattr(exp.method, "personal", False):
+            if self._personal:
                 clients, on_global = {}, []
                 for c in exp.clients:
                     exp.host.set_delta(exp.method.client_delta(c.id))
-                    clients[str(c.id)] = {"loss": loss(c.test)}
-                    on_global.append(loss(exp.global_test))
-                return {"global": {"loss": sum(on_global) / len(on_global)}, "clients": clients}
+                    exp.host.set_head(self.head_for(c.id))
+                    clients[str(c.id)] = score(c.test)
+                    on_global.append(score(exp.global_test))
+                return {"global": {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]}, "clients": clients}
             exp.host.set_delta(exp.method.global_delta())
-            return {"global": {"loss": loss(exp.global_test)}, "clients": {str(c.id): {"loss": loss(c.test)} for c in exp.clients}}
+            exp.host.set_head(self.head_for(-1))
+            return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients}}
         finally:
             exp.host.restore()
 
@@ -86,6 +102,14 @@ class Simulation:
             record(entry)
             self.hooks.round_end(entry)
 
+    def _aggregate_heads(self, updates: list[ClientUpdate], weights: list[float]) -> None:
+        if not updates or not updates[0].head:
+            return
+        if self._personal:
+            self.heads.update({u.client: u.head for u in updates})
+        else:
+            self.heads[-1] = _fedavg([u.head for u in updates], weights)
+
     def round(self, rnd: int) -> dict[str, Any]:
         exp, cfg = self.exp, self.exp.cfg
         fed = cfg.federation
@@ -98,6 +122,7 @@ class Simulation:
         starts, rows, inits = [], [], []
         for k in sampled:
             sent = plans[k]
+            sent.head = self.head_for(k)
             plan = client_prepare(exp.method, sent)  # client side from here on
             self.hooks.client_start(k, cfg.train.local_steps)
             train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[k].train
@@ -115,6 +140,7 @@ class Simulation:
             })
         weights = data_weights([u.num_examples for u in updates])
         exp.method.aggregate(updates, weights, rnd)
+        self._aggregate_heads(updates, weights)
         after = exp.method.global_delta()
         if not getattr(exp.method, "communicates", True):
             for row in rows:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from fedlora.config import TrainCfg
-from fedlora.data.batching import collate, length_grouped_batches
-from fedlora.data.formatting import TokenizedExample
+from fedlora.data.batching import length_grouped_batches
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
 from fedlora.model.adapters import AdaLoraSpec, AdapterHost, orthogonal_penalty, read_factors
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.train.client import ClientState, start_delta
-from fedlora.train.loss import answer_loss_sum
+from fedlora.train.tasks import CausalLM, Task
 
 
 @dataclass
@@ -38,8 +37,9 @@ class LocalTrainer:
 
     def __init__(
         self, host: AdapterHost, cfg: TrainCfg, target_modules: list[str], pad_id: int, device: torch.device, seed: int,
-        dropout: float = 0.0, adalora_target: float | None = None, adalora_orth_reg: float = 0.5,
+        dropout: float = 0.0, adalora_target: float | None = None, adalora_orth_reg: float = 0.5, task: Task | None = None,
     ) -> None:
+        self.task = task or CausalLM()
         self.host, self.cfg, self.target_modules = host, cfg, target_modules
         self.pad_id, self.device, self.seed, self.dropout = pad_id, device, seed, dropout
         self.adalora_target, self.adalora_orth_reg = adalora_target, adalora_orth_reg  # None: plain LoRA
@@ -52,7 +52,7 @@ class LocalTrainer:
         return AdaLoraSpec(target_r=target_r, total_step=self.cfg.local_steps, tfinal=1, orth_reg_weight=self.adalora_orth_reg)
 
     def fit(
-        self, plan: ClientPlan, state: ClientState, train: Sequence[TokenizedExample],
+        self, plan: ClientPlan, state: ClientState, train: Sequence[Any],
         on_step: Callable[[float], None] | None = None, regularizer: Regularizer | None = None,
     ) -> tuple[ClientUpdate, FitStats]:
         state.catch_up(plan)
@@ -62,23 +62,28 @@ class LocalTrainer:
             with self.host.adapter(
                 plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed,
                 dropout=self.dropout, rank_pattern=plan.rank_pattern, adalora=self._adalora(plan.rank),
-            ) as peft_model:
+            ) as peft_model, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run_seed)  # dropout draws are a function of (seed, round, client)
+                if plan.head:
+                    self.host.set_head(plan.head, trainable=True)
                 penalties = [lambda: regularizer(self.host.live_factors(peft_model))] if regularizer else []
                 if self.adalora_target is not None:
                     penalties.append(lambda: orthogonal_penalty(peft_model, self.adalora_orth_reg))
                 penalty = (lambda: sum(p() for p in penalties)) if penalties else None
                 stats = self._loop(peft_model, train, run_seed, on_step, penalty)
                 factors = read_factors(self.host.lora_layers(peft_model), plan.scale)
+                head = self.host.read_head() if plan.head else {}
         finally:
             self.host.restore()
-        update = ClientUpdate(client=plan.client, num_examples=len(train), scale=plan.scale, factors=factors, train_loss=stats.train_loss)
+        update = ClientUpdate(client=plan.client, num_examples=len(train), scale=plan.scale, factors=factors, train_loss=stats.train_loss, head=head)
         return update, stats
 
     def _loop(
-        self, model: torch.nn.Module, train: Sequence[TokenizedExample], seed: int,
+        self, model: torch.nn.Module, train: Sequence[Any], seed: int,
         on_step: Callable[[float], None] | None, penalty: Callable[[], torch.Tensor] | None,
     ) -> FitStats:
         cfg = self.cfg
+        task = self.task
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, seed)
@@ -86,12 +91,12 @@ class LocalTrainer:
         losses, real, padded = [], 0, 0
         for step in range(cfg.local_steps):
             batch = batches[step % len(batches)]
-            n_answer = sum(sum(1 for y in train[i].labels[1:] if y != -100) for i in batch)
+            n_answer = sum(task.targets(train[i]) for i in batch)
             total = 0.0
             for start in range(0, len(batch), cfg.micro_batch_size):
-                mb = collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
+                mb = task.collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
                 real, padded = real + mb.real_tokens, padded + mb.padded_tokens
-                loss_sum, _ = answer_loss_sum(model, mb.input_ids.to(self.device), mb.attention_mask.to(self.device), mb.labels.to(self.device))
+                loss_sum, _ = task.loss_sum(model, mb, self.device)
                 (loss_sum / max(n_answer, 1)).backward()
                 total += float(loss_sum.detach())
             if penalty is not None:
