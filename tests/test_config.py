@@ -45,7 +45,7 @@ def test_lora_rank_override_replaces_the_ranks_list():
         (["federation.rounds=0"], r"^federation\.rounds: .*greater than or equal to 1.*, got 0$"),
         (["lora.ranks=[4,2]"], r"^lora\.ranks: 2 ranks \[4, 2\] for federation\.num_clients=3 \(accepted: exactly 3 ranks, or lora\.rank=R\)$"),
         (["lora.ranks=[4,0,1]"], r"^lora\.ranks: must be positive integers, got \[4, 0, 1\]$"),
-        (["data.partition=zipf"], r"^data\.partition: .*'iid' or 'dirichlet'.*, got 'zipf'$"),
+        (["data.partition=zipf"], r"^data\.partition: .*'iid', 'dirichlet', 'pathological', 'natural' or 'quantity', got 'zipf'$"),
         (["federation.fraction=1.5"], r"^federation\.fraction: .*less than or equal to 1.*, got 1\.5$"),
         (["lora.scale=[1.0, 2.0]"], r"^lora\.scale: 2 scales for federation\.num_clients=3"),
         (["train.micro_batch_size=16"], r"^train\.micro_batch_size: 16 > train\.batch_size=4$"),
@@ -93,7 +93,8 @@ def test_checks_against_the_real_model_folder(overrides, pattern):
 
 
 def test_missing_data_file_is_named(tmp_path):
+    from fedlora.data import DataError
     from fedlora.sim.experiment import prepare
 
-    with pytest.raises(ConfigError, match=r"^data\.source: file not found: /no/such\.jsonl"):
+    with pytest.raises(DataError, match=r"^data\.source: file not found: /no/such\.jsonl"):
         prepare(_real_model_cfg(["data.source=/no/such.jsonl"]))

@@ -90,6 +90,30 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Partition the config's source as a run would, print the per-client table, write a heatmap."""
+    from fedlora.report.partition import partition_heatmap, partition_table
+    from fedlora.sim.experiment import load_source, split_indices
+    from fedlora.sim.run_dir import default_run_dir, write_json
+
+    cfg = load_config(args.config or packaged_config("default"), args.overrides)
+    examples = load_source(cfg)
+    categories = [e.category for e in examples]
+    info = split_indices(cfg, categories)
+    parts = [c["all_indices"] for c in info["clients"]]
+    d = cfg.data
+    title = f"{d.source} · {d.partition}" + (f" α={d.alpha}" if d.partition in ("dirichlet", "quantity") else "") + f" · {len(parts)} clients"
+    Console().print(partition_table(parts, categories, title=title))
+    out = Path(cfg.output.dir) if cfg.output.dir else default_run_dir("data")
+    out.mkdir(parents=True, exist_ok=True)
+    png = partition_heatmap(parts, categories, out / "partition.png", title)
+    for c in info["clients"]:
+        del c["all_indices"]
+    write_json(out / "partition.json", info)
+    log.info("heatmap %s · partition.json in %s (global test split: %d examples)", png, out, info["global_test"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -98,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     run.set_defaults(func=cmd_run)
+    data = sub.add_parser("data", help="show how a config deals its data to clients (table + heatmap PNG)")
+    data.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    data.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.alpha=0.1")
+    data.set_defaults(func=cmd_data)
     methods = sub.add_parser("methods", help="list the aggregation methods")
     methods.set_defaults(func=cmd_methods)
     return parser

@@ -67,11 +67,18 @@ class LoraCfg(Section):
 
 
 class DataCfg(Section):
-    source: str = Field("chatterbot", description="'chatterbot' (built in) or a local .json/.jsonl file (Alpaca, Dolly, messages).")
+    source: str = Field(
+        "chatterbot",
+        description="Built in: chatterbot, news, rotten-tomatoes, healthtweets, fortunes; or a local .json/.jsonl/.csv/.parquet file or save_to_disk folder.",
+    )
     language: str = Field("english", description="chatterbot language folder.")
-    partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="How examples are dealt to clients.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
-    by: Literal["category"] = Field("category", description="Field the Dirichlet split skews.")
+    partition: Literal["iid", "dirichlet", "pathological", "natural", "quantity"] = Field("dirichlet", description="How examples are dealt to clients.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for dirichlet and quantity (smaller = more skewed).")
+    by: str = Field("category", description="Column the partition follows: 'category' = the source's natural one (topic, outlet, label), or a column name.")
+    min_size: int = Field(2, ge=1, description="Fewest examples any client may get.")
+    classes_per_client: int = Field(2, ge=1, description="pathological: categories per client.")
+    text_field: str | None = Field(None, description="Text column of a file with other names.")
+    label_field: str | None = Field(None, description="Label column of a file with other names.")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data held out for its test split.")
     global_test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of all data held out as the global test split.")
     max_examples: int | None = Field(None, ge=1, description="Seeded subset of the source (None = all).")
@@ -95,6 +102,7 @@ class TrainCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated).")
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: the response only).")
 
 
 class EvalCfg(Section):

@@ -1,4 +1,4 @@
-"""load_examples: the ChatterBot corpus, Alpaca/Dolly/chat files, subsetting and every DataError."""
+"""load_examples on JSON/JSONL files and the ChatterBot corpus: schemas, subsetting and every DataError (tabular files: test_files.py)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_chatterbot_missing_package_tells_how_to_install(monkeypatch: pytest.Mon
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(DataError, match=r"data\.source.*pip install --no-deps chatterbot-corpus==1\.3\.3"):
+    with pytest.raises(DataError, match=r"^data\.source: 'chatterbot' needs .*`pip install --no-deps chatterbot-corpus==1\.3\.3`"):
         load_examples("chatterbot")
 
 
@@ -132,15 +132,17 @@ def test_messages_json_wrapped_in_data(tmp_path: Path) -> None:
 
 def test_missing_file() -> None:
     with pytest.raises(
-        DataError, match=r"^data\.source: file not found: .*nope\.json \(accepted: 'chatterbot' or a \.json/\.jsonl file\)$"
+        DataError,
+        match=r"^data\.source: file not found: .*nope\.json \(accepted: 'chatterbot', 'news', 'rotten-tomatoes', "
+        r"'healthtweets', 'fortunes', or a \.json/\.jsonl/\.csv/\.parquet file or a datasets\.save_to_disk folder\)$",
     ):
         load_examples("/no/such/dir/nope.json")
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
-    path = tmp_path / "data.csv"
+    path = tmp_path / "data.txt"
     path.write_text("instruction,output\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"^data\.source: unsupported file type '\.csv'.*accepted: 'chatterbot'"):
+    with pytest.raises(DataError, match=r"^data\.source: unsupported file type '\.txt'.*accepted: a \.json/\.jsonl/\.csv"):
         load_examples(str(path))
 
 

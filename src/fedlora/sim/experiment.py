@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from fedlora.config import Config, ConfigError
-from fedlora.data import load_examples, partition, tokenize_examples, train_test_split
-from fedlora.data.formatting import TokenizedExample
+from fedlora.data import TokenizeStats, label_names_of, load_examples, partition, tokenize_examples, tokenize_for_classification, train_test_split
 from fedlora.methods import Method, Setup, build_method
 from fedlora.model.adapters import AdapterHost
-from fedlora.model.loading import load_causal_lm, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
+from fedlora.model.loading import head_modules, load_causal_lm, load_classifier, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
 from fedlora.train.local import LocalTrainer
+from fedlora.train.tasks import CausalLM, Classification
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ClientData:
     id: int
-    train: list[TokenizedExample]
-    test: list[TokenizedExample]
+    train: list[Any]  # TokenizedExample or ClassifiedExample
+    test: list[Any]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Experiment:
     host: AdapterHost
     tokenizer: Any
     clients: list[ClientData]
-    global_test: list[TokenizedExample]
+    global_test: list[Any]
     method: Method
     trainer: LocalTrainer
     partition_info: dict[str, Any]
@@ -45,10 +45,10 @@ class Experiment:
 
 def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     """The model folder exists, has the target layers, and every rank fits them."""
-    model_dir = resolve_model_dir(cfg.model.path)
+    model_dir = resolve_model_dir(cfg.model.path, cfg.model.task)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.path: no HF model folder (config.json) at {model_dir} (accepted: a local folder saved with save_pretrained, or empty for the embedded SmolLM2)")
-    shapes = meta_layer_shapes(model_dir, cfg.lora.target_modules)
+    shapes = meta_layer_shapes(model_dir, cfg.lora.target_modules, cfg.model.task)
     if not shapes:
         raise ConfigError(f"lora.target_modules: no Linear layer named {cfg.lora.target_modules} in {model_dir.name} (accepted: e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     found = {n.rsplit(".", 1)[-1] for n in shapes}
@@ -66,12 +66,16 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     return model_dir, shapes
 
 
+def load_source(cfg: Config) -> list:
+    d = cfg.data
+    return load_examples(
+        d.source, language=d.language, max_examples=d.max_examples, seed=cfg.seed, by=d.by, text_field=d.text_field, label_field=d.label_field
+    )
+
+
 def prepare(cfg: Config) -> Experiment:
     model_dir, shapes = check_model(cfg)
-    source = cfg.data.source
-    if source != "chatterbot" and not Path(source).expanduser().is_file():
-        raise ConfigError(f"data.source: file not found: {source} (accepted: 'chatterbot' or a local .json/.jsonl file)")
-    examples = load_examples(source, language=cfg.data.language, max_examples=cfg.data.max_examples, seed=cfg.seed)
+    examples = load_source(cfg)
 
     setup = Setup(
         layers=shapes,
@@ -85,42 +89,64 @@ def prepare(cfg: Config) -> Experiment:
 
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
-    model, tokenizer = load_causal_lm(model_dir, device, dtype)
-    kept = [(e, t) for e in examples for t in tokenize_examples([e], tokenizer, cfg.train.max_length)]
-    examples, tokenized = [e for e, _ in kept], [t for _, t in kept]  # over-long prompts are dropped
+    stats = TokenizeStats()
+    length = cfg.train.max_length
+    if cfg.model.task == "classification":
+        labels = label_names_of(examples)
+        model, tokenizer = load_classifier(model_dir, len(labels), device, dtype, cfg.seed)
+        tokenized = tokenize_for_classification(examples, tokenizer, length, labels, stats=stats)
+        task, heads = Classification(), head_modules(model)
+    else:
+        model, tokenizer = load_causal_lm(model_dir, device, dtype)
+        tokenized = tokenize_examples(examples, tokenizer, length, train_on_inputs=cfg.train.train_on_inputs, stats=stats)
+        task, heads = CausalLM(), []
+    dropped = set(stats.dropped_indices)
+    examples = [e for i, e in enumerate(examples) if i not in dropped]  # prompts longer than max_length
+    log.info(stats.summary(length))
     clients, global_test, info = split_clients(cfg, examples, tokenized)
-    host = AdapterHost(model, list(shapes))
+    info["tokenize"] = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
+    if cfg.model.task == "classification":
+        info["labels"] = labels
+    host = AdapterHost(model, list(shapes), head_modules=heads)
     trainer = LocalTrainer(
         host, cfg.train, cfg.lora.target_modules, tokenizer.pad_token_id, device, cfg.seed, cfg.lora.dropout,
         adalora_target=cfg.lora.adalora_target if cfg.lora.adapter == "adalora" else None, adalora_orth_reg=cfg.lora.adalora_orth_reg,
+        task=task,
     )
     log.info("model %s on %s (%s); %d examples over %d clients", model_dir, device, dtype, len(tokenized), len(clients))
     return Experiment(cfg, model_dir, device, host, tokenizer, clients, global_test, method, trainer, info)
 
 
-def split_clients(cfg: Config, examples: list, tokenized: list[TokenizedExample]) -> tuple[list[ClientData], list[TokenizedExample], dict[str, Any]]:
-    """Global test split first, then the partition, then each client's own train/test split."""
-    pool, global_idx = train_test_split(range(len(tokenized)), cfg.data.global_test_fraction, cfg.seed)
-    cats = [examples[i].category for i in pool]
-    parts = partition(cats, cfg.federation.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.seed)
+def split_indices(cfg: Config, categories: list[str]) -> dict[str, Any]:
+    """Global test split first, then the partition, then each client's own train/test split (indices only)."""
+    d = cfg.data
+    pool, global_idx = train_test_split(range(len(categories)), d.global_test_fraction, cfg.seed)
+    parts = partition([categories[i] for i in pool], cfg.federation.num_clients, d.partition, alpha=d.alpha, seed=cfg.seed,
+                      min_size=d.min_size, classes_per_client=d.classes_per_client)
     cap = cfg.eval.max_examples
-    clients, info_clients = [], []
+    info_clients = []
     for k, part in enumerate(parts):
         idx = [pool[j] for j in part]
-        train_idx, test_idx = train_test_split(idx, cfg.data.test_fraction, cfg.seed + k + 1)
-        test_idx = _cap(test_idx, cap, cfg.seed + k)
-        clients.append(ClientData(k, [tokenized[i] for i in train_idx], [tokenized[i] for i in test_idx]))
+        train_idx, test_idx = train_test_split(idx, d.test_fraction, cfg.seed + k + 1)
         info_clients.append({
-            "id": k, "rank": cfg.client_ranks()[k], "train": len(train_idx), "test": len(test_idx),
-            "categories": dict(Counter(examples[i].category for i in idx).most_common()),
-            "train_indices": train_idx, "test_indices": test_idx,
+            "id": k, "rank": cfg.client_ranks()[k], "train": len(train_idx), "test": len(_cap(test_idx, cap, cfg.seed + k)),
+            "categories": dict(Counter(categories[i] for i in idx).most_common()),
+            "train_indices": train_idx, "test_indices": _cap(test_idx, cap, cfg.seed + k), "all_indices": sorted(idx),
         })
     global_idx = _cap(global_idx, cap, cfg.seed)
-    info = {
-        "source": cfg.data.source, "partition": cfg.data.partition, "alpha": cfg.data.alpha, "by": cfg.data.by,
-        "num_examples": len(tokenized), "global_test": len(global_idx), "global_test_indices": global_idx, "clients": info_clients,
+    return {
+        "source": d.source, "partition": d.partition, "alpha": d.alpha, "by": d.by, "num_examples": len(categories),
+        "global_test": len(global_idx), "global_test_indices": global_idx, "clients": info_clients,
     }
-    return clients, [tokenized[i] for i in global_idx], info
+
+
+def split_clients(cfg: Config, examples: list, tokenized: list) -> tuple[list[ClientData], list, dict[str, Any]]:
+    """The clients' train/test data and the global test split, as ``split_indices`` deals them."""
+    info = split_indices(cfg, [e.category for e in examples])
+    clients = [ClientData(c["id"], [tokenized[i] for i in c["train_indices"]], [tokenized[i] for i in c["test_indices"]]) for c in info["clients"]]
+    for c in info["clients"]:
+        del c["all_indices"]
+    return clients, [tokenized[i] for i in info["global_test_indices"]], info
 
 
 def _cap(indices: list[int], cap: int | None, seed: int) -> list[int]:
