@@ -94,3 +94,13 @@ def test_methods_command_lists_every_method_and_option(tmp_path):
         assert name in proc.stdout
         for option in cls.options:
             assert option in proc.stdout
+
+
+def test_data_command_prints_the_split_and_writes_a_heatmap(tmp_path):
+    proc = fedlora("data", str(ROOT / "configs" / "tiny.yaml"), "data.partition=pathological", "data.classes_per_client=7", "output.dir=split", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = tmp_path / "split" / "partition.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    info = json.loads((tmp_path / "split" / "partition.json").read_text())
+    assert len(info["clients"]) == 3 and all(len(c["categories"]) == 7 for c in info["clients"])
+    assert "client" in proc.stdout and "pathological" in proc.stdout
