@@ -10,7 +10,7 @@ missed, in order, before it trains (partial participation), and that counts in i
 
 from __future__ import annotations
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup, plan_for_layers
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options
 from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, stack
@@ -33,17 +33,7 @@ class FLoRA:
         self.base = MergedBase(setup.layers)
 
     def plan(self, client: int, round: int) -> ClientPlan:
-        missing, version = self.base.missing(client)
-        rank, pattern = plan_for_layers(self.setup, client)
-        return ClientPlan(
-            client=client,
-            round=round,
-            rank=rank,
-            rank_pattern=pattern,
-            scale=self.setup.scales[client],
-            base_updates=missing,
-            base_version=version,
-        )
+        return self.base.fresh_plan(self.setup, client, round)
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
         if self.uniform:

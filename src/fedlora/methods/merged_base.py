@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from fedlora.methods.base import Delta
+from fedlora.methods.base import ClientPlan, Delta, Setup, plan_for_layers
 
 
 class MergedBase:
@@ -31,3 +31,12 @@ class MergedBase:
     def delta(self) -> Delta:
         """G_t − W_0: every merge so far, per layer."""
         return {name: [t for merged in self.history for t in merged[name]] for name in self.layers}
+
+    def fresh_plan(self, setup: Setup, client: int, round: int) -> ClientPlan:
+        """A fresh adapter at the client's rank on its base, brought up to date first."""
+        missing, version = self.missing(client)
+        rank, pattern = plan_for_layers(setup, client)
+        return ClientPlan(
+            client=client, round=round, rank=rank, rank_pattern=pattern, scale=setup.scales[client],
+            base_updates=missing, base_version=version,
+        )

