@@ -20,6 +20,8 @@ def summary_table(summary: dict[str, Any], ranks: list[int]) -> Table:
         table.add_row(k, str(ranks[int(k)]), _fmt(b), _fmt(a), _fmt(None if b is None or a is None else a - b))
     g = summary["global_loss"]
     table.add_row("global", "", _fmt(g["before"]), _fmt(g["after"]), _fmt(None if g["before"] is None or g["after"] is None else g["after"] - g["before"]), style="bold")
+    if acc := summary.get("global_accuracy"):
+        table.add_row("accuracy", "", _fmt(acc["before"]), _fmt(acc["after"]), _fmt(None if None in acc.values() else acc["after"] - acc["before"]))
     mb_up, mb_down = summary["bytes_up"] / 1e6, summary["bytes_down"] / 1e6
     noise = f"agg_noise {_fmt(summary['agg_noise_mean'])} · init_noise {_fmt(summary['init_noise_mean'])}"
     table.caption = (

@@ -80,6 +80,7 @@ def summarize(metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "method": metrics[0]["method"],
         "rounds": len(rounds),
         "global_loss": {"before": first["global"]["loss"], "after": last["global"]["loss"]},
+        **({"global_accuracy": {"before": first["global"]["accuracy"], "after": last["global"]["accuracy"]}} if "accuracy" in first["global"] else {}),
         "client_loss": {k: {"before": first["clients"][k]["loss"], "after": last["clients"][k]["loss"]} for k in first["clients"]},
         "bytes_up": sum(m["bytes_up"] for m in rounds),
         "bytes_down": sum(m["bytes_down"] for m in rounds),
