@@ -1,4 +1,4 @@
-"""`fedlora run | methods`: the command line."""
+"""`fedlora run | data | methods | deploy`: the command line."""
 
 from __future__ import annotations
 
@@ -114,6 +114,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """The config on a local Flower deployment: a SuperLink and one SuperNode per client on 127.0.0.1."""
+    try:
+        from fedlora.flower.launch import main as launch
+    except ImportError:
+        console.print("[bold red]error:[/] fedlora deploy needs Flower (accepted: pip install \"fedlora[flower]\")")
+        return 2
+    argv = ["--config", args.config] if args.config else []
+    for flag in ("output", "workdir"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    argv += [f for f, on in (("--tls", args.tls), ("--auth", args.auth)) if on]
+    return launch([*argv, *args.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -128,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
     methods = sub.add_parser("methods", help="list the aggregation methods")
     methods.set_defaults(func=cmd_methods)
+    deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
+    deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    deploy.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
+    deploy.add_argument("--output", help="run folder (default: runs/<time>-<method>-flower)")
+    deploy.add_argument("--workdir", help="keep logs, certificates and node state here (default: a temporary folder)")
+    deploy.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
+    deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""The ClientApp: one partition's side of a round, the same steps as the simulator's client.
+
+``query`` answers the server's roll call (partition id, partition count, declared rank: the
+server cannot read node config). ``train`` decodes the plan, runs the method's client hooks
+around ``LocalTrainer.fit`` (client_prepare → catch_up + train with client_regularizer →
+client_finish), stores the client's base on node-local disk (a fresh process serves every
+message) and replies with the update, its partition id and rank.
+
+Node config: ``partition-id``, ``num-partitions``, optional ``rank``, ``data-path``, ``state-dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from logging import INFO
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore import log
+
+from fedlora.flower.settings import ENV, NodeSettings  # light: the roll call imports no torch
+
+for _key, _value in ENV.items():  # before torch / transformers are imported
+    os.environ.setdefault(_key, _value)
+
+NODE = "node"
+"""ConfigRecord of a roll-call reply: partition-id, num-partitions, rank (0 = the config's), own-data."""
+RUN = "fedlora"
+"""ConfigRecord of a train message: ``config`` = the server's resolved config as YAML."""
+
+app = ClientApp()
+
+
+@app.query()
+def roll_call(msg: Message, context: Context) -> Message:
+    node = NodeSettings.from_node_config(context.node_config)
+    info = ConfigRecord({"partition-id": node.partition, "num-partitions": node.num_partitions, "rank": node.rank or 0, "own-data": node.data_path is not None})
+    return Message(RecordDict({NODE: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from fedlora.flower.records import records_to_plan, update_to_records
+    from fedlora.flower.runtime import client_runtime
+    from fedlora.flower.state import load_state, save_state, state_dir
+    from fedlora.methods.base import client_finish, client_prepare, client_regularizer
+
+    t0 = time.time()
+    node = NodeSettings.from_node_config(context.node_config)
+    rt = client_runtime(str(msg.content.config_records[RUN]["config"]), node.partition, node.num_partitions, node.data_path)
+    sent = records_to_plan(msg.content)
+    if sent.client != node.partition:
+        raise RuntimeError(f"plan for partition {sent.client} reached the node holding partition {node.partition}")
+    t_loaded = time.time()
+    torch.manual_seed(rt.cfg.seed)
+    plan = client_prepare(rt.method, sent)
+    folder = state_dir(node.state_root, context.run_id, node.partition)
+    state = load_state(folder)
+    update, stats = rt.trainer.fit(plan, state, rt.train, regularizer=client_regularizer(rt.method, plan))
+    update = client_finish(rt.method, plan, update)
+    save_state(folder, state)  # before replying: the server may count on this base next round
+    t_fit = time.time()
+    timing = {"startup-s": t0 - _process_start(), "load-s": t_loaded - t0, "fit-s": t_fit - t_loaded}
+    log(INFO, "partition %d round %d: rank %d, %d examples, loss %.4f; %s", node.partition, plan.round, plan.rank,
+        update.num_examples, update.train_loss, ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
+    content = update_to_records(
+        update, send_A=plan.train_A, wire=rt.cfg.federation.wire_dtype, node_rank=node.rank or rt.cfg.client_ranks()[node.partition],
+        stats={"padded-fraction": stats.padded_fraction, "steps": stats.steps, **timing},
+    )
+    return Message(content, reply_to=msg)
+
+
+def _process_start() -> float:
+    """When this ClientApp process started (its interpreter start-up and imports count as load time)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # pragma: no cover - psutil comes with peft
+        return time.time()

@@ -1,0 +1,302 @@
+"""A whole Flower deployment on one machine: a SuperLink, N SuperNodes, ``flwr run``, teardown.
+
+    python -m fedlora.flower.launch --config configs/tiny.yaml --nodes 3 [--tls [--auth]] \
+        [--output runs/x] [--node-rank 2=1 …] [key=value …]
+
+Every process listens on 127.0.0.1 on a free port, runs in its own process group, and is
+stopped by that group's id (never by name). Each process gets its own FLWR_HOME; the CLI's holds
+the ``[superlink.fedlora-local]`` entry. Tests use ``LocalFederation`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedlora.flower import APP_DIR
+from fedlora.flower.settings import ENV
+
+CONNECTION = "fedlora-local"
+
+
+class FlowerRunError(RuntimeError):
+    """A Flower run that left no summary.json; the message carries the tail of its logs."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@dataclass
+class RunHandle:
+    """A ``flwr run`` in progress."""
+
+    proc: subprocess.Popen
+    output_dir: Path
+    log: Path
+    federation: "LocalFederation"
+
+    def running(self) -> bool:
+        return not _exited(self.proc, 0)
+
+    def wait(self, timeout: float = 1800) -> dict[str, Any]:
+        """Wait for the run; its summary.json, or FlowerRunError with the logs' tails."""
+        name = next(n for n, p in self.federation.procs.items() if p is self.proc)
+        if not _exited(self.proc, timeout):
+            _stop_group(self.federation.procs.pop(name))
+            raise FlowerRunError(f"flwr run did not finish within {timeout:.0f} s\n{_tail(self.log)}")
+        _stop_group(self.federation.procs.pop(name))  # reaps it (and anything it left in its group)
+        summary = self.output_dir / "summary.json"
+        if not summary.is_file():
+            raise FlowerRunError(f"flwr run exited {self.proc.returncode} without {summary}\n--- flwr run ---\n{_tail(self.log)}\n"
+                                 f"--- superlink ---\n{_tail(self.federation.logs / 'superlink.log')}")
+        return json.loads(summary.read_text())
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and ``nodes`` SuperNodes on loopback; ``node_config[i]`` adds to node i's config."""
+
+    workdir: Path
+    nodes: int
+    tls: bool = False
+    auth: bool = False  # SuperNode authentication (implies TLS)
+    node_config: dict[int, dict[str, Any]] = field(default_factory=dict)
+    threads_per_node: int | None = None  # torch threads of each SuperNode's ClientApps (default: cpu_count // nodes)
+    server_threads: int | None = None  # torch threads of the ServerApp (default: torch's own choice)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tls = self.tls or self.auth
+        self.cli_home = self.workdir / "flwr-cli"
+        self._runs = 0
+
+    # ---- processes --------------------------------------------------------------------------
+
+    def env(self, home: Path, threads: int | None = None) -> dict[str, str]:
+        env = {**os.environ, **ENV, "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        if threads:
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None) -> subprocess.Popen:
+        cwd = self.workdir / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=self.env(home, threads), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout: float = 180) -> "LocalFederation":
+        from fedlora.flower.certs import make_node_key, make_tls
+
+        security = ["--insecure"]
+        if self.tls:
+            self.certs = make_tls(self.workdir / "certs")
+            security = ["--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key)]
+        self._write_cli_config()
+        link = self._spawn("superlink", [_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--disable-runtime-dependency-installation", *(["--enable-supernode-auth"] if self.auth else [])],
+                           self.workdir / "superlink" / "home", self.server_threads)
+        _wait_port(self.port, link, timeout, self.logs / "superlink.log")
+        threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // self.nodes)
+        for i in range(self.nodes):
+            extra = []
+            if self.auth:
+                private, public = make_node_key(self.workdir / "keys", f"node-{i}")
+                self.flwr("supernode", "register", str(public), CONNECTION)
+                extra = ["--auth-supernode-private-key", str(private)]
+            self.start_node(i, extra, threads, timeout)
+        return self
+
+    def start_node(self, i: int, extra: list[str] | None = None, threads: int | None = None, timeout: float = 180,
+                   name: str | None = None, wait: bool = True) -> subprocess.Popen:
+        """A SuperNode for partition i (``extra``: more flower-supernode flags); waits until it listens."""
+        name = name or f"node-{i}"
+        cfg = {"partition-id": i, "num-partitions": self.nodes, "state-dir": str(self.workdir / name / "state"), **self.node_config.get(i, {})}
+        node_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in cfg.items())
+        security = ["--root-certificates", str(self.certs.ca)] if self.tls else ["--insecure"]
+        port = free_port()
+        proc = self._spawn(name, [_bin("flower-supernode"), *security, "--superlink", self.address, "--port", str(port),
+                                  "--node-config", node_config, *(extra or [])], self.workdir / name / "home", threads)
+        if wait:
+            _wait_port(port, proc, timeout, self.logs / f"{name}.log")
+        return proc
+
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Stop SuperNode i and every process it started (its ClientApp included), like a crash."""
+        _stop_group(self.procs.pop(f"node-{i}"), sig)
+
+    def stop(self) -> None:
+        """Stop every process this federation started: runs, then SuperNodes, then the SuperLink."""
+        for name in sorted(self.procs, key=lambda n: (n == "superlink", not n.startswith("run-"))):
+            _stop_group(self.procs.pop(name))
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def _write_cli_config(self) -> None:
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.certs.ca}"' if self.tls else "insecure = true"
+        (self.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n'
+        )
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The ``flwr`` CLI against this federation."""
+        proc = subprocess.run([_bin("flwr"), *args], cwd=self.workdir, env=self.env(self.cli_home), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise FlowerRunError(f"flwr {' '.join(args)} exited {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return proc
+
+    def submit(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, **run_config: Any) -> RunHandle:
+        """Start ``flwr run <app> fedlora-local --stream`` with a run-config TOML file; returns at once."""
+        import shlex
+
+        import tomli_w
+
+        self._runs += 1
+        output_dir = Path(output_dir).resolve()
+        values = {"config-path": str(Path(config).resolve()) if Path(config).exists() else str(config),
+                  "overrides": shlex.join(overrides or []), "output-dir": str(output_dir)}
+        values.update({k.replace("_", "-"): v for k, v in run_config.items()})
+        toml = self.workdir / f"run-{self._runs}.toml"
+        toml.write_text(tomli_w.dumps(values))
+        log = self.logs / f"run-{self._runs}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(toml)],
+                                    cwd=self.workdir, env=self.env(self.cli_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[f"run-{self._runs}"] = proc
+        return RunHandle(proc, output_dir, log, self)
+
+    def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800, **run_config: Any) -> dict[str, Any]:
+        return self.submit(config, output_dir, overrides, **run_config).wait(timeout)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _exited(proc, 0):
+            raise FlowerRunError(f"{proc.args[0]} exited before listening on {port}\n{_tail(log)}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FlowerRunError(f"{proc.args[0]} not listening on {port} after {timeout:.0f} s\n{_tail(log)}")
+
+
+def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
+    """Signal the process group we started (its id is the leader's PID), then reap the leader.
+
+    The leader is reaped last: until then its PID, which is the group id, cannot be reused, so
+    the signals reach only the processes this launcher started and their children.
+    """
+    _signal_group(proc, sig)
+    if not _exited(proc, grace):
+        _signal_group(proc, signal.SIGKILL)
+        _exited(proc, 10)
+    _signal_group(proc, signal.SIGKILL)  # members that outlived their leader (a SuperExec, a ClientApp)
+    proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait for the leader to exit without reaping it (``WNOWAIT``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedlora.config import ConfigError, load_config, packaged_config
+
+    p = argparse.ArgumentParser(prog="python -m fedlora.flower.launch", description="Run a fedlora config on a local Flower deployment (SuperLink + N SuperNodes on 127.0.0.1).")
+    p.add_argument("--config", default=None, help="YAML config (default: the packaged default.yaml)")
+    p.add_argument("--nodes", type=int, default=None, help="SuperNodes, one per partition (default: federation.num_clients)")
+    p.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
+    p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
+    p.add_argument("--output", default=None, help="run folder (default: runs/<time>-<method>-flower)")
+    p.add_argument("--workdir", default=None, help="logs, certificates, node state (default: a temporary folder, removed afterwards)")
+    p.add_argument("--node-rank", action="append", default=[], metavar="K=R", help="SuperNode K declares rank R (node config `rank`)")
+    p.add_argument("--threads-per-node", type=int, default=None, help="torch threads per SuperNode (default: cpu_count // nodes)")
+    p.add_argument("--server-threads", type=int, default=None, help="torch threads of the ServerApp's evaluation (default: torch's choice)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
+    args = p.parse_args(argv)
+    config = Path(args.config).resolve() if args.config else packaged_config("default")
+    try:
+        cfg = load_config(config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    nodes = args.nodes or cfg.federation.num_clients
+    if nodes != cfg.federation.num_clients:
+        p.error(f"--nodes {nodes}: the config has federation.num_clients={cfg.federation.num_clients} (one SuperNode per partition)")
+    output = Path(args.output or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}-flower").resolve()
+    ranks = {int(k): {"rank": int(r)} for k, r in (x.split("=", 1) for x in args.node_rank)}
+    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
+        workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
+        t0 = time.perf_counter()
+        try:
+            with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks,
+                                 threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
+                print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {nodes} SuperNodes; logs in {fed.logs}", flush=True)
+                summary = fed.run(config, output, args.overrides)
+        except FlowerRunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"run folder {output}: global loss {summary['global_loss']['before']:.4f} → {summary['global_loss']['after']:.4f}, "
+              f"wire bytes up {summary['wire_bytes_up']:,} down {summary['wire_bytes_down']:,}, {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""ClientPlan / ClientUpdate ↔ Flower records: the whole wire format, pure (no network).
+
+A plan travels as a ``RecordDict`` with
+- ``plan`` (ConfigRecord): client, round, rank, scale, rank_pattern (JSON string), base_version,
+  the number of base updates, whether ``init`` is set, train_A, the wire dtype, plain-number
+  meta as ``meta/<key>``;
+- ``plan.arrays`` (ArrayRecord): ``init/<layer>/B|A``, ``base/<i>/<layer>/<j>/B|A`` (the i-th
+  missed merge, its j-th term), ``fold/<layer>/<j>/B|A``, tensor meta as ``meta/<key>``, the
+  dense task head (classification) as ``head/<parameter>``.
+
+An update travels as
+- ``update`` (ConfigRecord): client (the partition id), node rank, scale, whether A is sent,
+  the wire dtype, plain-number meta;
+- ``update.arrays`` (ArrayRecord): ``factors/<layer>/B``, ``factors/<layer>/A`` (only when A
+  trained; a frozen A is rebuilt by the receiver from the plan), tensor meta, ``head/<parameter>``;
+- ``metrics`` (MetricRecord): ``num-examples``, ``train-loss`` and the local-fit statistics.
+
+Floating tensors are cast to the wire dtype (float32 | bfloat16 | float16) and come back as
+float32; integer tensors (module indices, seeds) travel unchanged. Arrays hold the tensor's raw
+little-endian bytes (``stype`` = ``RAW``): numpy has no bfloat16, and no per-array header
+inflates the count, so ``ArrayRecord.count_bytes()`` is the payload plus the key names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors
+from fedlora.ops.lowrank import LowRank
+
+RAW = "fedlora.raw-le"
+"""Array.stype of a tensor's raw little-endian bytes (dtype and shape in the Array fields)."""
+
+WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARRIVAL_DTYPE = torch.float32
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float64", "float32", "bfloat16", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
+
+PLAN, PLAN_ARRAYS = "plan", "plan.arrays"
+UPDATE, UPDATE_ARRAYS, METRICS = "update", "update.arrays", "metrics"
+
+
+class WireError(ValueError):
+    """A record that is not a fedlora plan or update (wrong keys, dtype or shape)."""
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+
+
+def to_array(t: torch.Tensor, wire: torch.dtype) -> Array:
+    """A tensor as raw bytes; floating tensors cast to ``wire`` first."""
+    t = t.detach().to("cpu")
+    if t.is_floating_point():
+        t = t.to(wire)
+    t = t.contiguous()
+    return Array(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), stype=RAW, data=_bytes(t))
+
+
+def from_array(a: Array) -> torch.Tensor:
+    """The tensor an Array holds; floating tensors arrive as float32."""
+    if a.stype != RAW or a.dtype not in _DTYPES:
+        raise WireError(f"array of stype {a.stype!r} and dtype {a.dtype!r} is not a fedlora tensor (expected stype {RAW!r})")
+    dtype = _DTYPES[a.dtype]
+    numel = math.prod(a.shape)
+    if len(a.data) != numel * torch.empty((), dtype=dtype).element_size():
+        raise WireError(f"array of shape {a.shape} and dtype {a.dtype} carries {len(a.data)} bytes")
+    if numel == 0:
+        t = torch.empty(a.shape, dtype=dtype)
+    else:
+        _check_host()
+        t = torch.frombuffer(bytearray(a.data), dtype=torch.uint8).view(dtype).reshape(a.shape)
+    return t.to(ARRIVAL_DTYPE) if t.is_floating_point() else t
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    _check_host()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _check_host() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - x86-64 and arm64 are little-endian
+        raise WireError("fedlora's wire format needs a little-endian host")
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    if name not in WIRE_DTYPES:
+        raise WireError(f"federation.wire_dtype: unknown value {name!r} (accepted: {', '.join(WIRE_DTYPES)})")
+    return WIRE_DTYPES[name]
+
+
+def message_nbytes(content: RecordDict) -> int:
+    """Bytes of every array in a message as Flower counts them (``ArrayRecord.count_bytes``: data + keys)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+# ---- meta: tensors to the ArrayRecord, plain numbers/strings to the ConfigRecord ---------------
+
+
+def _put_meta(meta: Mapping[str, Any], arrays: ArrayRecord, config: ConfigRecord, wire: torch.dtype) -> None:
+    for key, value in meta.items():
+        if isinstance(value, torch.Tensor):
+            arrays[f"meta/{key}"] = to_array(value, wire)
+        elif isinstance(value, (bool, int, float, str)):
+            config[f"meta/{key}"] = value
+        else:
+            raise WireError(f"meta[{key!r}] = {type(value).__name__}: only tensors, numbers, strings and bools cross the wire")
+
+
+def _get_meta(arrays: Mapping[str, torch.Tensor], config: ConfigRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {k.removeprefix("meta/"): v for k, v in config.items() if k.startswith("meta/")}
+    meta.update({k.removeprefix("meta/"): v for k, v in arrays.items() if k.startswith("meta/")})
+    return meta
+
+
+def _put_head(head: Mapping[str, torch.Tensor], arrays: ArrayRecord, wire: torch.dtype) -> None:
+    for name, t in head.items():
+        arrays[f"head/{name}"] = to_array(t, wire)
+
+
+def _get_head(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("head/"): t for k, t in tensors.items() if k.startswith("head/")}
+
+
+def _put_delta(prefix: str, delta: Delta, arrays: ArrayRecord, wire: torch.dtype) -> None:
+    for layer, terms in delta.items():
+        for j, term in enumerate(terms):
+            arrays[f"{prefix}/{layer}/{j}/B"] = to_array(term.B, wire)
+            arrays[f"{prefix}/{layer}/{j}/A"] = to_array(term.A, wire)
+
+
+def _get_delta(tensors: Mapping[str, torch.Tensor], prefix: str) -> Delta:
+    """``<prefix>/<layer>/<j>/B|A`` → {layer: [LowRank_0, LowRank_1, …]} (layers in key order)."""
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix + "/"):
+            continue
+        layer, j, which = key[len(prefix) + 1 :].rsplit("/", 2)
+        found.setdefault(layer, {}).setdefault(int(j), {})[which] = t
+    delta: Delta = {}
+    for layer, terms in found.items():
+        if sorted(terms) != list(range(len(terms))) or any(set(t) != {"A", "B"} for t in terms.values()):
+            raise WireError(f"{prefix}/{layer}: incomplete low-rank terms {sorted(terms)}")
+        delta[layer] = [LowRank(terms[j]["B"], terms[j]["A"]) for j in range(len(terms))]
+    return delta
+
+
+def _get_factors(tensors: Mapping[str, torch.Tensor], prefix: str, frozen_A: Mapping[str, torch.Tensor] | None = None) -> dict[str, Factors]:
+    out: dict[str, Factors] = {}
+    for key, t in tensors.items():
+        if key.startswith(prefix + "/") and key.endswith("/B"):
+            layer = key[len(prefix) + 1 : -2]
+            A = tensors.get(f"{prefix}/{layer}/A")
+            if A is None:
+                if frozen_A is None or layer not in frozen_A:
+                    raise WireError(f"{prefix}/{layer}: no A on the wire and none known to the receiver")
+                A = frozen_A[layer].to(ARRIVAL_DTYPE)
+            out[layer] = Factors(B=t, A=A)
+    return out
+
+
+# ---- plans ------------------------------------------------------------------------------------
+
+
+def plan_to_records(plan: ClientPlan, wire: str = "float32") -> RecordDict:
+    dt = wire_dtype(wire)
+    arrays = ArrayRecord()
+    config = ConfigRecord({
+        "client": plan.client, "round": plan.round, "rank": plan.rank, "scale": float(plan.scale),
+        "rank_pattern": json.dumps(plan.rank_pattern), "base_version": plan.base_version,
+        "base_updates": len(plan.base_updates), "has_init": plan.init is not None, "train_A": plan.train_A, "wire_dtype": wire,
+    })
+    for layer, f in (plan.init or {}).items():
+        arrays[f"init/{layer}/B"] = to_array(f.B, dt)
+        arrays[f"init/{layer}/A"] = to_array(f.A, dt)
+    for i, delta in enumerate(plan.base_updates):
+        _put_delta(f"base/{i}", delta, arrays, dt)
+    _put_delta("fold", plan.fold, arrays, dt)
+    _put_meta(plan.meta, arrays, config, dt)
+    _put_head(plan.head, arrays, dt)
+    return RecordDict({PLAN: config, PLAN_ARRAYS: arrays})
+
+
+def records_to_plan(content: RecordDict) -> ClientPlan:
+    try:
+        config, arrays = content.config_records[PLAN], content.array_records[PLAN_ARRAYS]
+    except KeyError as e:
+        raise WireError(f"not a fedlora plan: no record {e}") from None
+    tensors = {k: from_array(a) for k, a in arrays.items()}
+    init = _get_factors(tensors, "init") if config["has_init"] else None
+    return ClientPlan(
+        client=int(config["client"]), round=int(config["round"]), rank=int(config["rank"]), scale=float(config["scale"]),
+        rank_pattern={k: int(v) for k, v in json.loads(str(config["rank_pattern"])).items()},
+        init=init,
+        base_updates=[_get_delta(tensors, f"base/{i}") for i in range(int(config["base_updates"]))],
+        base_version=int(config["base_version"]),
+        fold=_get_delta(tensors, "fold"),
+        train_A=bool(config["train_A"]),
+        meta=_get_meta(tensors, config),
+        head=_get_head(tensors),
+    )
+
+
+# ---- updates ----------------------------------------------------------------------------------
+
+
+def update_to_records(update: ClientUpdate, send_A: bool = True, wire: str = "float32", node_rank: int | None = None,
+                      stats: Mapping[str, float] | None = None) -> RecordDict:
+    """The client's reply; ``stats`` (plain numbers) join num-examples and train-loss in the MetricRecord."""
+    dt = wire_dtype(wire)
+    arrays = ArrayRecord()
+    config = ConfigRecord({"client": update.client, "scale": float(update.scale), "send_A": send_A, "wire_dtype": wire})
+    if node_rank is not None:
+        config["node_rank"] = int(node_rank)
+    for layer, f in update.factors.items():
+        arrays[f"factors/{layer}/B"] = to_array(f.B, dt)
+        if send_A:
+            arrays[f"factors/{layer}/A"] = to_array(f.A, dt)
+    _put_meta(update.meta, arrays, config, dt)
+    _put_head(update.head, arrays, dt)
+    metrics = MetricRecord({"num-examples": int(update.num_examples), "train-loss": float(update.train_loss)})
+    for key, value in (stats or {}).items():
+        metrics[key] = value
+    return RecordDict({UPDATE: config, UPDATE_ARRAYS: arrays, METRICS: metrics})
+
+
+def records_to_update(content: RecordDict, frozen_A: Mapping[str, torch.Tensor] | None = None) -> ClientUpdate:
+    """The update; when A did not travel (``train_A`` false) it is taken from ``frozen_A`` (the plan's init)."""
+    try:
+        config, arrays, metrics = content.config_records[UPDATE], content.array_records[UPDATE_ARRAYS], content.metric_records[METRICS]
+    except KeyError as e:
+        raise WireError(f"not a fedlora update: no record {e}") from None
+    tensors = {k: from_array(a) for k, a in arrays.items()}
+    return ClientUpdate(
+        client=int(config["client"]),
+        num_examples=int(metrics["num-examples"]),
+        scale=float(config["scale"]),
+        factors=_get_factors(tensors, "factors", None if config["send_A"] else frozen_A),
+        train_loss=float(metrics["train-loss"]),
+        meta=_get_meta(tensors, config),
+        head=_get_head(tensors),
+    )
+
+
+def update_stats(content: RecordDict) -> dict[str, float]:
+    """The MetricRecord's numbers other than num-examples and train-loss."""
+    return {k: v for k, v in content.metric_records[METRICS].items() if k not in ("num-examples", "train-loss")}

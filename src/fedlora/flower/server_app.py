@@ -1,0 +1,85 @@
+"""The ServerApp: the config, the roll call, the simulator's setup, Strategy.start, the run folder.
+
+Run config (``app/pyproject.toml``, overridable with ``flwr run … --run-config``):
+``config-path`` (absolute YAML path or a packaged name), ``overrides`` (``key=value …`` as for
+``fedlora run``), ``output-dir`` (absolute: the ServerApp runs in the SuperLink's folder),
+``round-timeout``, ``node-timeout``, ``checkpoint-deltas``.
+
+The server evaluates the global model itself (the simulator's ``evaluate``), so it loads the
+model and the config's data source; clients receive the resolved config in every message and
+need no config file of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from fedlora.flower.settings import ENV, RunSettings
+
+for _key, _value in ENV.items():  # before torch / transformers are imported
+    os.environ.setdefault(_key, _value)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    import torch
+
+    from fedlora.config import build_config, to_yaml
+    from fedlora.flower.roster import Roster
+    from fedlora.flower.strategy import FedLoraStrategy
+    from fedlora.sim.experiment import prepare
+    from fedlora.sim.run_dir import RunDir, summarize
+
+    t0 = time.perf_counter()
+    settings = RunSettings.from_run_config(context.run_config)
+    cfg = settings.load()
+    out = settings.run_dir(cfg)
+    run = RunDir(out)  # refuses a folder that already holds files, before any waiting
+    roster = Roster(cfg.federation.num_clients)
+    log(INFO, "waiting for %d SuperNodes (one per partition)", cfg.federation.num_clients)
+    roster.wait_for_all(grid, settings.node_timeout)
+    ranks = roster.ranks(cfg.client_ranks())
+    overrides = [f"output.dir={out}"] + ([f"lora.ranks={ranks}"] if ranks != cfg.client_ranks() else [])
+    cfg = build_config(cfg.model_dump(mode="json"), overrides)  # node-declared ranks win; the real run folder
+    torch.manual_seed(cfg.seed)
+    exp = prepare(cfg)
+    run.write_config(cfg)
+    run.write_partition(exp.partition_info)
+    strategy = FedLoraStrategy(
+        exp, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
+        checkpoints=out / "checkpoints" if settings.checkpoint_deltas else None,
+    )
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
+    if cfg.output.save_final:
+        save_final(exp, out / "final")
+    metrics = run.read_metrics()
+    summary = summarize(metrics, time.perf_counter() - t0)
+    rounds = [m for m in metrics if m["round"] > 0]
+    summary.update({
+        "run_dir": str(out), "transport": "flower", "wire_dtype": cfg.federation.wire_dtype,
+        "wire_bytes_up": sum(m["wire_bytes_up"] for m in rounds), "wire_bytes_down": sum(m["wire_bytes_down"] for m in rounds),
+        "lost": [{"round": m["round"], **x} for m in rounds for x in m["lost"]],
+    })
+    run.write_summary(summary)
+    log(INFO, "fedlora run folder: %s (global loss %s → %s)", out, summary["global_loss"]["before"], summary["global_loss"]["after"])
+
+
+def save_final(exp, folder: Path) -> None:
+    """The global update as a PEFT adapter; per-client adapters for a personal method (as `fedlora run`)."""
+    from fedlora.model.export import save_adapter
+
+    args = (exp.cfg.lora.target_modules,)
+    if getattr(exp.method, "personal", False):
+        for c in exp.clients:
+            save_adapter(exp.host, exp.method.client_delta(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
+        return
+    save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))

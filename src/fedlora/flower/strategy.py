@@ -1,0 +1,222 @@
+"""The Flower Strategy: fedlora's round, step for step, with messages for the client part.
+
+``Strategy.start`` owns the loop; the hooks do what ``Simulation.round`` does, in its order:
+
+- ``configure_train``: sample (the simulator's seeded rule, over partitions) → ``method.plan``
+  per client → one message per client's node (plan records + the resolved config);
+- clients: client_prepare, catch_up + train (client_regularizer), client_finish (ClientApp);
+- ``aggregate_train``: decode the updates (in sampled order) → data_weights → method.aggregate
+  → diagnostics, from the server's mirror of every client's base;
+- ``evaluate`` (Strategy.start's ``evaluate_fn``): the simulator's evaluation, then the round's
+  line in metrics.jsonl.
+
+A client whose node fails or does not answer within the round timeout is recorded under
+``lost``; the round goes on with the others if at least ``federation.min_clients`` replied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedlora.flower.client_app import RUN
+from fedlora.flower.records import message_nbytes, plan_to_records, records_to_update, update_stats
+from fedlora.flower.roster import Roster
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, client_prepare, plan_nbytes, update_nbytes
+from fedlora.ops.weights import data_weights
+from fedlora.sim import diagnostics
+from fedlora.sim.experiment import Experiment
+from fedlora.sim.federation import Simulation, sample_clients
+from fedlora.train.client import start_delta
+
+
+class RoundFailed(RuntimeError):
+    """Fewer clients than federation.min_clients replied in a round."""
+
+
+@dataclass
+class _Round:
+    """What configure_train leaves for aggregate_train."""
+
+    number: int
+    sampled: list[int]
+    before: Delta
+    plans: dict[int, ClientPlan]
+    sent: dict[str, int] = field(default_factory=dict)  # message id → partition (ids exist once pushed)
+    messages: dict[int, Message] = field(default_factory=dict)
+    wire_down: dict[int, int] = field(default_factory=dict)
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class FedLoraStrategy(Strategy):
+    """Delegates the math to a fedlora method and the evaluation to the simulator's code."""
+
+    def __init__(self, exp: Experiment, roster: Roster, cfg_text: str, record: Callable[[dict[str, Any]], None],
+                 roll_call_timeout: float = 60.0, checkpoints: Path | None = None) -> None:
+        self.exp, self.roster, self.cfg_text, self.record = exp, roster, cfg_text, record
+        self.sim = Simulation(exp)  # evaluate() and the server's mirror of each client's base (sim.states)
+        self.roll_call_timeout, self.checkpoints = roll_call_timeout, checkpoints
+        self.wire = exp.cfg.federation.wire_dtype
+        self.round: _Round | None = None
+        self.entry: dict[str, Any] | None = None
+
+    def summary(self) -> None:
+        fed = self.exp.cfg.federation
+        log(INFO, "\t├── fedlora method %s (%s)", fed.method, self.exp.method.summary)
+        log(INFO, "\t├── %d partitions, fraction %.2f, min clients %d", fed.num_clients, fed.fraction, fed.min_clients)
+        log(INFO, "\t└── ranks %s, wire dtype %s", self.exp.cfg.client_ranks(), self.wire)
+
+    # ---- train ------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        exp, fed = self.exp, self.exp.cfg.federation
+        self.roster.call(grid, self.roll_call_timeout)  # nodes that (re)connected since the last round
+        pooled = getattr(exp.method, "pooled", False)
+        sampled = [0] if pooled else sample_clients(fed.num_clients, fed.fraction, fed.min_clients, exp.cfg.seed, server_round)
+        rnd = _Round(server_round, sampled, exp.method.global_delta(), {k: exp.method.plan(k, server_round) for k in sampled})
+        for k in sampled:
+            rnd.plans[k].head = self.sim.head_for(k)  # the dense task head (classification), as the simulator sends it
+            node = self.roster.node_of(k)
+            if node is None:
+                rnd.lost.append({"id": k, "node": None, "error": "no connected SuperNode holds this partition"})
+                continue
+            content = plan_to_records(rnd.plans[k], self.wire)
+            content[RUN] = ConfigRecord({"config": self.cfg_text})
+            rnd.wire_down[k] = message_nbytes(content)
+            rnd.messages[k] = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
+        log(INFO, "round %d: partitions %s to nodes %s", server_round, sampled, {k: m.metadata.dst_node_id for k, m in rnd.messages.items()})
+        self.round = rnd
+        return list(rnd.messages.values())
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        exp, rnd = self.exp, self.round
+        assert rnd is not None and rnd.number == server_round, "aggregate_train without configure_train"
+        by_id = {m.metadata.message_id: k for k, m in rnd.messages.items()}
+        arrived: dict[int, Message] = {}
+        for reply in replies:
+            k = by_id.get(reply.metadata.reply_to_message_id)
+            if k is None:
+                log(WARNING, "round %d: a reply to no message of this round, dropped", server_round)
+            elif reply.has_error():
+                rnd.lost.append({"id": k, "node": rnd.messages[k].metadata.dst_node_id, "error": f"{reply.error.code}: {reply.error.reason}"[:500]})
+            else:
+                arrived[k] = reply
+        for k, m in rnd.messages.items():
+            if k not in arrived and not any(x["id"] == k for x in rnd.lost):
+                rnd.lost.append({"id": k, "node": m.metadata.dst_node_id, "error": "no reply within round-timeout"})
+        order = [k for k in rnd.sampled if k in arrived]  # the simulator's client order
+        need = min(exp.cfg.federation.min_clients, len(rnd.sampled))
+        if len(order) < need:
+            raise RoundFailed(f"round {server_round}: {len(order)} of {len(rnd.sampled)} clients replied, federation.min_clients={need}; lost: {rnd.lost}")
+        for lost in rnd.lost:
+            log(WARNING, "round %d: lost partition %d (node %s): %s", server_round, lost["id"], lost["node"], lost["error"].splitlines()[0])
+
+        updates, rows, starts, inits = [], [], [], []
+        for k in order:
+            sent = rnd.plans[k]
+            plan = client_prepare(exp.method, sent)  # the client's pure expansion, repeated here
+            update = records_to_update(arrived[k].content, frozen_A={n: f.A for n, f in (plan.init or {}).items()})
+            if update.client != k:
+                raise RuntimeError(f"round {server_round}: partition {k}'s node replied for partition {update.client}")
+            state = self.sim.states[k]
+            state.catch_up(sent)  # what the client's base now holds (it replied, so it caught up)
+            start = start_delta(state, plan)
+            inits.append(diagnostics.init_noise(rnd.before, start, plan))
+            stats = update_stats(arrived[k].content)
+            rows.append(self._row(k, plan, sent, update, stats, inits[-1], rnd.wire_down[k], message_nbytes(arrived[k].content),
+                                  int(arrived[k].content.config_records["update"].get("node_rank", plan.rank)), arrived[k].metadata.src_node_id))
+            updates.append(update)
+            starts.append(start)
+        weights = data_weights([u.num_examples for u in updates])
+        exp.method.aggregate(updates, weights, server_round)
+        self.sim._aggregate_heads(updates, weights)  # FedAvg of the task head, by the simulator's own code
+        self.entry = self._entry(rnd, rows, updates, starts, inits, weights)
+        if self.checkpoints is not None:
+            save_delta(exp.method.global_delta(), self.checkpoints / f"round-{server_round}-delta.safetensors")
+        metrics = MetricRecord({"clients": len(order), "lost": len(rnd.lost), "bytes-up": self.entry["bytes_up"], "wire-bytes-up": self.entry["wire_bytes_up"]})
+        return None, metrics
+
+    def _row(self, k: int, plan: ClientPlan, sent: ClientPlan, update: ClientUpdate, stats: dict[str, float], init: float | None,
+             wire_down: int, wire_up: int, node_rank: int, node: int) -> dict[str, Any]:
+        """The simulator's per-client row, plus what the wire really carried."""
+        return {
+            "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
+            "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(sent),
+            "init_noise": init, "padded_fraction": float(stats.get("padded-fraction", 0.0)),
+            "local_rank_sum": sum(f.rank for f in update.factors.values()),
+            "wire_bytes_up": wire_up, "wire_bytes_down": wire_down, "node": node, "node_rank": node_rank,
+            "timing": {k.removesuffix("-s").replace("-", "_") + "_s": v for k, v in stats.items() if k.endswith("-s")},
+        }
+
+    def _entry(self, rnd: _Round, rows: list[dict[str, Any]], updates: list[ClientUpdate], starts: list[Delta],
+               inits: list[float | None], weights: list[float]) -> dict[str, Any]:
+        """The simulator's metrics line for a round (same keys), plus wire bytes and lost clients."""
+        method = self.exp.method
+        after = method.global_delta()
+        if not getattr(method, "communicates", True):
+            for row in rows:
+                row["bytes_up"] = row["bytes_down"] = 0
+        personal = getattr(method, "personal", False)
+        if personal:
+            for row in rows:
+                row["init_noise"] = None
+        return {
+            "round": rnd.number,
+            "method": self.exp.cfg.federation.method,
+            "clients": rows,
+            "weights": weights,
+            "agg_noise": None if personal else diagnostics.agg_noise(rnd.before, after, starts, updates, weights),
+            "init_noise": None if personal else diagnostics.mean_defined(inits),
+            "bytes_up": sum(r["bytes_up"] for r in rows),
+            "bytes_down": sum(r["bytes_down"] for r in rows),
+            "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
+            "wire_bytes_up": sum(r["wire_bytes_up"] for r in rows),
+            "wire_bytes_down": sum(rnd.wire_down.values()),  # every plan sent, also to clients lost later
+            "wire_dtype": self.wire,
+            "lost": sorted(rnd.lost, key=lambda x: x["id"]),
+        }
+
+    # ---- evaluation: on the server, as in the simulator ------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # the global model is evaluated by `evaluate` on the server, exactly as the simulator does
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Strategy.start's evaluate_fn: evaluate when the simulator would, then write the round's line."""
+        cfg = self.exp.cfg
+        if server_round == 0:
+            t0 = time.perf_counter()
+            entry = {"round": 0, "method": cfg.federation.method, "clients": [], "eval": self.sim.evaluate()}
+            entry["wall_s"] = time.perf_counter() - t0
+        else:
+            assert self.entry is not None and self.round is not None
+            entry, self.entry = self.entry, None
+            if server_round % cfg.eval.every == 0 or server_round == cfg.federation.rounds:
+                entry["eval"] = self.sim.evaluate()
+            entry["wall_s"] = time.perf_counter() - self.round.t0
+        self.record(entry)
+        if "eval" not in entry or entry["eval"]["global"]["loss"] is None:
+            return None
+        return MetricRecord({"global-loss": float(entry["eval"]["global"]["loss"])})
+
+
+def save_delta(delta: Delta, path: Path) -> None:
+    """G_t − W_0 as its low-rank terms: ``<layer>/<j>/B|A`` in one safetensors file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{layer}/{j}/{x}": (t.B if x == "B" else t.A).detach().contiguous().clone() for layer, terms in delta.items() for j, t in enumerate(terms) for x in "BA"}
+    save_file(tensors, str(path))

@@ -1,0 +1,55 @@
+"""The launcher's process handling and argument checks, without Flower processes (fast)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedlora.flower.launch import _exited, _stop_group, free_port, main
+from tests.flower.conftest import TINY
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is gone
+    except FileNotFoundError:
+        return False
+
+
+def test_deploy_stop_group_ends_the_leader_and_what_it_started(tmp_path):
+    pidfile = tmp_path / "child"
+    code = f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert _alive(child) and not _exited(leader, 0)
+    finally:
+        _stop_group(leader)
+    assert leader.returncode is not None
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:  # reparented to init: reaped when init gets to it
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_deploy_free_ports_are_distinct_loopback_ports():
+    ports = {free_port() for _ in range(5)}
+    assert len(ports) == 5 and all(1024 < p < 65536 for p in ports)
+
+
+def test_deploy_launcher_refuses_a_node_count_other_than_the_clients(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(TINY), "--nodes", "2"])
+    assert e.value.code == 2 and "federation.num_clients=3" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "lora.ranks=[4,2]"]) == 2
+    assert "lora.ranks" in capsys.readouterr().err
+    assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"  # tests/flower/conftest.py sets the Flower environment

@@ -1,0 +1,177 @@
+"""A real SuperLink and three SuperNodes (ranks 4, 2, 1) on 127.0.0.1, against the in-process simulator.
+
+Every process is started by fedlora.flower.launch in its own process group and stopped by that
+group's id in the fixtures' finalizers, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from fedlora.flower.launch import LocalFederation
+from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, dense_file, read_metrics, rel_err_layers
+
+pytestmark = pytest.mark.slow
+
+SIM_KEYS = {"round", "method", "clients", "weights", "agg_noise", "init_noise", "bytes_up", "bytes_down", "local_rank_sum", "eval", "wall_s"}
+ROW_KEYS = {"id", "rank", "num_examples", "train_loss", "bytes_up", "bytes_down", "init_noise", "padded_fraction", "local_rank_sum"}
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory, embedded_model):
+    """One insecure federation for the module's runs (each run gets its own run id and node state)."""
+    fed = LocalFederation(tmp_path_factory.mktemp("loopback"), 3, threads_per_node=THREADS, server_threads=THREADS)
+    try:
+        yield fed.start()
+    finally:
+        fed.stop()
+
+
+def _recorded(run: Path, rnd: int) -> bool:
+    try:
+        return any(m["round"] == rnd for m in read_metrics(run))
+    except (FileNotFoundError, ValueError):  # not written yet, or a line being written
+        return False
+
+
+def table_up(method: str, rank: int, nbytes: int = 4) -> int:
+    """methods.md §1, uplink per client: r_k (d_in + d_out) per layer (+ r_k int64 indices for fedplora)."""
+    return nbytes * rank * LAYERS * QV + (8 * rank if method == "fedplora" else 0)
+
+
+def table_down(method: str, rnd: int, rank: int, ranks: list[int], nbytes: int = 4) -> int:
+    """Downlink per client: flora sends the previous round's stack (Σ r_k), fedplora all R = max r_k modules."""
+    if method == "flora":
+        return 0 if rnd == 1 else nbytes * sum(ranks) * LAYERS * QV
+    return nbytes * max(ranks) * LAYERS * QV + 8 * rank
+
+
+def assert_matches_simulator(run: Path, sim: dict, rounds: list[int]) -> None:
+    """Same clients, counters and diagnostics per round; G_t − W_0 and the losses within float tolerance."""
+    flower = {m["round"]: m for m in read_metrics(run)}
+    for rnd in [0, *rounds]:
+        f, s = flower[rnd], sim["metrics"][rnd]
+        assert set(s) <= set(f), f"round {rnd}: keys missing on Flower: {set(s) - set(f)}"
+        assert f["eval"]["global"]["loss"] == pytest.approx(s["eval"]["global"]["loss"], abs=1e-6)
+        for k, c in s["eval"]["clients"].items():
+            assert f["eval"]["clients"][k]["loss"] == pytest.approx(c["loss"], abs=1e-6)
+        if rnd == 0:
+            continue
+        assert (f["bytes_up"], f["bytes_down"], f["local_rank_sum"]) == (s["bytes_up"], s["bytes_down"], s["local_rank_sum"])
+        assert f["weights"] == pytest.approx(s["weights"], abs=1e-12) and f["lost"] == []
+        for fc, sc in zip(f["clients"], s["clients"], strict=True):
+            assert ROW_KEYS <= set(fc)
+            assert {k: fc[k] for k in ("id", "rank", "num_examples", "bytes_up", "bytes_down")} == {k: sc[k] for k in ("id", "rank", "num_examples", "bytes_up", "bytes_down")}
+            assert fc["train_loss"] == pytest.approx(sc["train_loss"], abs=1e-6)
+        assert f["init_noise"] == pytest.approx(s["init_noise"], abs=1e-6)
+        assert f["agg_noise"] == pytest.approx(s["agg_noise"], rel=1e-2, abs=1e-6)
+        got = dense_file(run / "checkpoints" / f"round-{rnd}-delta.safetensors")
+        err = rel_err_layers(got, sim["deltas"][rnd])
+        print(f"round {rnd}: ‖G_Flower − G_sim‖/‖G_sim‖ = {err:.2e}")
+        assert err < 1e-6, f"round {rnd}: G_t − W_0 differs from the simulator's by {err:.2e}"
+
+
+@pytest.mark.parametrize("method", ["flora", "fedplora"])
+def test_flower_deploy_matches_the_simulator_and_the_byte_table(loopback, simulate, tmp_path, method):
+    overrides = [*FAST, f"federation.method={method}"]
+    t0 = time.perf_counter()
+    summary = loopback.run(TINY, tmp_path / "run", overrides, checkpoint_deltas=True, round_timeout=900)
+    flower_s = time.perf_counter() - t0
+    sim = simulate(overrides)
+    assert_matches_simulator(tmp_path / "run", sim, rounds=[1, 2])
+
+    # (d) what crossed the wire, against methods.md §1's table (float32)
+    ranks = [4, 2, 1]
+    for m in read_metrics(tmp_path / "run")[1:]:
+        for c in m["clients"]:
+            assert c["bytes_up"] == table_up(method, c["rank"]) and c["bytes_down"] == table_down(method, m["round"], c["rank"], ranks)
+            assert 1.0 <= c["wire_bytes_up"] / table_up(method, c["rank"]) < 1.03  # + the key names
+            down = table_down(method, m["round"], c["rank"], ranks)
+            assert c["wire_bytes_down"] == 0 if down == 0 else 1.0 <= c["wire_bytes_down"] / down < 1.03
+
+    # the run folder of `fedlora run`, and a final adapter equal to G_2 − W_0
+    run = tmp_path / "run"
+    assert {"config.yaml", "partition.json", "metrics.jsonl", "summary.json", "final"} <= {p.name for p in run.iterdir()}
+    assert summary["transport"] == "flower" and summary["rounds"] == 2 and summary["lost"] == []
+    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    final = {}
+    for key, A in adapter.items():
+        if key.endswith("lora_A.weight"):
+            layer = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            final[layer] = adapter[key.replace("lora_A", "lora_B")].double() @ A.double()  # lora_alpha = r: scale 1
+    assert rel_err_layers(final, sim["deltas"][2]) < 1e-5  # export compresses in float64, stores float32
+    print(f"\n{method}: Flower run {flower_s:.0f} s, wall per round {[round(m['wall_s']) for m in read_metrics(run)]}, "
+          f"client timings {[c['timing'] for c in read_metrics(run)[1]['clients']]}")
+
+
+def test_flower_deploy_over_tls_with_node_authentication_matches_the_simulator(federation, simulate, tmp_path):
+    """(b) The same run over TLS (a CA and a server certificate for 127.0.0.1, generated here), with
+    SuperNode authentication: registered keys connect, an unregistered key is refused."""
+    from fedlora.flower.certs import make_node_key
+
+    fed = federation(auth=True)
+    private, _ = make_node_key(tmp_path / "keys", "intruder")  # never registered
+    fed.start_node(0, ["--auth-supernode-private-key", str(private), "--max-retries", "0"], name="intruder", wait=False)
+    overrides = [*FAST, "federation.method=flora"]
+    fed.run(TINY, tmp_path / "run", [*overrides, "federation.rounds=1"], checkpoint_deltas=True, round_timeout=900)
+    assert 'root-certificates = "' in (fed.cli_home / "config.toml").read_text()
+    assert "https://127.0.0.1" in (fed.logs / "superlink.log").read_text()
+    assert_matches_simulator(tmp_path / "run", simulate(overrides), rounds=[1])  # round 1 of the same seeded run
+    assert "Failed to activate SuperNode" in (fed.logs / "intruder.log").read_text()
+    online = _online_nodes(fed)
+    assert len(online) == 3 and {c["node"] for c in read_metrics(tmp_path / "run")[1]["clients"]} == set(online)
+
+
+def _online_nodes(fed: LocalFederation) -> list[int]:
+    out = fed.flwr("supernode", "ls", "fedlora-local", "--format", "json").stdout
+    return [int(n["node-id"]) for n in json.loads(out[out.index("{"):])["nodes"] if n.get("status") == "online"]
+
+
+def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_bfloat16(federation, tmp_path):
+    """(c) SuperNode 2 dies (SIGKILL to its process group) while it trains in round 1: round 1 ends with
+    the other two once the SuperLink misses its heartbeats, round 2 runs without it, the run finishes.
+    On the way: node 0 trains on its own data file, node 1 declares rank 3 (the config says 2), and
+    the factors travel as bfloat16."""
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}."}) + "\n" for i in range(30)))
+    fed = federation(node_config={0: {"data-path": str(own)}, 1: {"rank": 3}})
+    run = tmp_path / "run"
+    overrides = [*FAST, "federation.method=flora", "federation.min_clients=2", "federation.wire_dtype=bfloat16"]
+    handle = fed.submit(TINY, run, overrides, round_timeout=300)
+    node_log, deadline = fed.logs / "node-2.log", time.monotonic() + 600
+    while "Receiving: train message" not in (node_log.read_text() if node_log.exists() else ""):
+        assert handle.running() and time.monotonic() < deadline, "the run ended before node 2 got its round-1 plan"
+        time.sleep(0.2)
+    fed.kill_node(2)
+    t_kill = time.perf_counter()
+    summary = handle.wait(900)
+
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert [(c["id"], c["rank"], c["node_rank"]) for c in m["clients"]] == [(0, 4, 4), (1, 3, 3)] and [x["id"] for x in m["lost"]] == [2]
+        assert m["clients"][0]["num_examples"] == 24  # node 0: all 30 of its own examples, less the 20 % test split
+        assert len(m["weights"]) == 2 and sum(m["weights"]) == pytest.approx(1.0)
+    assert "Node Unavailable" in metrics[1]["lost"][0]["error"] and metrics[1]["lost"][0]["node"] is not None
+    assert metrics[2]["lost"][0] == {"id": 2, "node": None, "error": "no connected SuperNode holds this partition"}
+    assert [(x["round"], x["id"]) for x in summary["lost"]] == [(1, 2), (2, 2)]
+    assert (run / "final" / "adapter_model.safetensors").is_file() and summary["rounds"] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["ranks"] == [4, 3, 1]  # the ranks the nodes declared
+
+    # (d) bfloat16 on the wire: the float32 counters stay the table, the wire carries half of it (+ key names)
+    for m in metrics[1:]:
+        for c in m["clients"]:
+            assert c["bytes_up"] == table_up("flora", c["rank"])
+            assert 0.5 <= c["wire_bytes_up"] / table_up("flora", c["rank"]) < 0.53
+    for c in metrics[2]["clients"]:  # the round-1 stack of the two clients that trained: rank 4 + 3
+        assert c["bytes_down"] == table_down("flora", 2, c["rank"], [4, 3])
+        assert 0.5 <= c["wire_bytes_down"] / table_down("flora", 2, c["rank"], [4, 3]) < 0.51
+    print(f"\nkill → round 1 took {metrics[1]['wall_s']:.0f} s; run done {time.perf_counter() - t_kill:.0f} s after the kill; "
+          f"bf16 uplink wire/table {[round(c['wire_bytes_up'] / c['bytes_up'], 4) for c in metrics[1]['clients']]}, "
+          f"downlink {[round(c['wire_bytes_down'] / c['bytes_down'], 4) for c in metrics[2]['clients']]}; lost {metrics[1]['lost']}")

@@ -1,0 +1,74 @@
+"""A client's base on node-local disk, the run/node config parsing, the app folder (no network)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import torch
+
+from fedlora.config import ConfigError
+from fedlora.flower import APP_DIR
+from fedlora.flower.settings import NodeSettings, RunSettings, resolve_config_path
+from fedlora.flower.state import load_state, save_state, state_dir
+from fedlora.methods.base import ClientPlan
+from fedlora.ops.lowrank import LowRank
+from fedlora.train.client import ClientState
+
+
+def _delta(gen, rank):
+    return {"m.q_proj": [LowRank(torch.randn(6, rank, generator=gen), torch.randn(rank, 5, generator=gen))],
+            "m.v_proj": [LowRank(torch.randn(3, 1, generator=gen), torch.randn(1, 5, generator=gen)),
+                         LowRank(torch.randn(3, 2, generator=gen), torch.randn(2, 5, generator=gen))]}
+
+
+def test_flower_client_state_survives_a_new_process_bit_for_bit(tmp_path, gen):
+    folder = state_dir(tmp_path, 123, 2)
+    assert load_state(folder).version == 0 and load_state(folder).base == []
+    state = ClientState()
+    state.catch_up(ClientPlan(client=2, round=2, rank=1, scale=2.0, base_updates=[_delta(gen, 7)], base_version=1))
+    save_state(folder, state)
+    state.catch_up(ClientPlan(client=2, round=3, rank=1, scale=2.0, base_updates=[_delta(gen, 7)], base_version=2))
+    save_state(folder, state)
+    back = load_state(folder)
+    assert back.version == 2 and len(back.base) == 2
+    for d0, d1 in zip(state.base, back.base):
+        assert list(d0) == list(d1)
+        for name in d0:
+            assert all(torch.equal(a.B, b.B) and torch.equal(a.A, b.A) for a, b in zip(d0[name], d1[name]))
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["base-v2.safetensors", "state.json"]  # the older tensor file is gone, no pickle anywhere
+    assert json.loads((folder / "state.json").read_text())["base"][1] == {"m.q_proj": 1, "m.v_proj": 2}
+
+
+def test_flower_node_config_parsing():
+    node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 3, "rank": 8, "data-path": "/d.jsonl", "state-dir": "/s"})
+    assert (node.partition, node.num_partitions, node.rank, node.data_path, str(node.state_root)) == (1, 3, 8, "/d.jsonl", "/s")
+    assert NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 1}).rank is None
+    with pytest.raises(ConfigError, match="partition-id"):
+        NodeSettings.from_node_config({"num-partitions": 3})
+    with pytest.raises(ConfigError, match="outside"):
+        NodeSettings.from_node_config({"partition-id": 3, "num-partitions": 3})
+
+
+def test_flower_run_config_parsing(tmp_path):
+    rs = RunSettings.from_run_config({"config-path": "tiny", "overrides": "federation.rounds=1 'lora.ranks=[4, 2, 1]'", "output-dir": str(tmp_path / "r")})
+    cfg = rs.load()
+    assert cfg.federation.rounds == 1 and cfg.client_ranks() == [4, 2, 1] and rs.run_dir(cfg) == tmp_path / "r"
+    assert resolve_config_path("").name == "default.yaml"
+    with pytest.raises(ConfigError, match="absolute"):
+        RunSettings.from_run_config({"config-path": "tiny"}).run_dir(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))
+    with pytest.raises(ConfigError, match="relative"):
+        resolve_config_path("configs/tiny.yaml")
+
+
+def test_flower_app_folder_declares_every_run_config_key():
+    """`flwr run --run-config` only overrides keys the app's pyproject declares."""
+    project = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlora.flower.server_app:app", "clientapp": "fedlora.flower.client_app:app"}
+    declared = set(app["config"])
+    read = {"config-path", "overrides", "output-dir", "round-timeout", "node-timeout", "checkpoint-deltas"}
+    assert declared == read
+    assert sorted(p.name for p in APP_DIR.iterdir() if p.name != "__pycache__") == ["pyproject.toml"]
