@@ -24,7 +24,7 @@ from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 
 
 def needs_one_rank(name: str, ranks: list[int]) -> bool:
-    layers = {"l": (8, 8)}
+    layers = {"l": (4096, 4096)}  # wide enough for any configured rank
     try:
         build_method(name, Setup(layers, dict(enumerate(ranks)), {k: 2.0 for k in range(len(ranks))}))
         return False
