@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.dense_reference import dense, dense_agg_noise
+
 from fedlora.methods import MethodError, Setup
 from fedlora.methods.base import plan_nbytes, update_nbytes
 from fedlora.methods.fedit import FedIT
@@ -29,11 +31,7 @@ def _randomize(m, gen):
 
 
 def _dense(delta, name):
-    d_out, d_in = LAYERS[name]
-    out = torch.zeros(d_out, d_in, dtype=torch.float64)
-    for t in delta.get(name, []):
-        out += t.B.double() @ t.A.double()
-    return out
+    return dense(delta, name, LAYERS)
 
 
 def _trained(m, k, rnd, gen, n=10):
@@ -244,13 +242,7 @@ def _run_round(m, states, sampled, gen, rnd):
 
 
 def _dense_agg_noise(before, after, starts, updates, w):
-    err2 = ideal2 = 0.0
-    for name in LAYERS:
-        g0, g1 = _dense(before, name), _dense(after, name)
-        ideal = sum(p * (_dense(s, name) + u.scale * u.factors[name].B @ u.factors[name].A - g0) for s, u, p in zip(starts, updates, w))
-        err2 += float(torch.linalg.norm(g1 - g0 - ideal)) ** 2
-        ideal2 += float(torch.linalg.norm(ideal)) ** 2
-    return (err2 / ideal2) ** 0.5
+    return dense_agg_noise(before, after, starts, updates, w, LAYERS)
 
 
 @pytest.mark.parametrize("weights", ["uniform", "data"])

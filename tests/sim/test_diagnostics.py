@@ -3,54 +3,25 @@
 import torch
 
 from fedlora.methods import Setup, build_method
-from fedlora.ops.weights import data_weights
 from fedlora.sim.diagnostics import agg_noise, init_noise
 from fedlora.sim.federation import sample_clients
 from fedlora.train.client import ClientState, start_delta
 
-from tests.conftest import random_update
+from tests.dense_reference import dense, dense_agg_noise, run_round
 
 LAYERS = {"a": (9, 7), "b": (5, 7)}
 
 
 def _dense(delta, name):
-    d_out, d_in = LAYERS[name]
-    out = torch.zeros(d_out, d_in, dtype=torch.float64)
-    for t in delta.get(name, []):
-        out += t.B.double() @ t.A.double()
-    return out
+    return dense(delta, name, LAYERS)
 
 
 def _run_round(method, states, sampled, ranks, scales, gen, rnd):
-    before = method.global_delta()
-    plans = {k: method.plan(k, rnd) for k in sampled}
-    starts, inits = [], []
-    for k in sampled:
-        states[k].catch_up(plans[k])
-        starts.append(start_delta(states[k], plans[k]))
-        inits.append(init_noise(before, starts[-1], plans[k]))
-    updates = []
-    for k in sampled:  # a client's trained factors: its initial ones plus a random step
-        u = random_update(k, LAYERS, ranks[k], scales[k], 10 + 7 * k, gen)
-        if plans[k].init:
-            for n, f in plans[k].init.items():
-                u.factors[n].B.add_(f.B.double())
-                u.factors[n].A.add_(f.A.double())
-        updates.append(u)
-    w = data_weights([u.num_examples for u in updates])
-    method.aggregate(updates, w, rnd)
-    after = method.global_delta()
-    return before, after, starts, updates, w, inits
+    return run_round(method, states, sampled, ranks, scales, gen, rnd, LAYERS)
 
 
 def _dense_agg_noise(before, after, starts, updates, w):
-    err2 = ideal2 = 0.0
-    for name in LAYERS:
-        g0, g1 = _dense(before, name), _dense(after, name)
-        ideal = sum(p * (_dense(s, name) + u.scale * u.factors[name].B @ u.factors[name].A - g0) for s, u, p in zip(starts, updates, w))
-        err2 += float(torch.linalg.norm(g1 - g0 - ideal)) ** 2
-        ideal2 += float(torch.linalg.norm(ideal)) ** 2
-    return (err2 / ideal2) ** 0.5
+    return dense_agg_noise(before, after, starts, updates, w, LAYERS)
 
 
 def test_flora_is_exact_under_partial_participation(gen):
