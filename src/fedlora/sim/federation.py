@@ -16,6 +16,7 @@ from fedlora.methods.base import ClientUpdate, client_finish, client_prepare, cl
 from fedlora.ops.weights import data_weights
 from fedlora.sim import diagnostics
 from fedlora.sim.experiment import Experiment
+from fedlora.sim.similarity import module_similarity
 from fedlora.train.client import ClientState, start_delta
 from fedlora.ops.lowrank import weighted_mean
 
@@ -159,4 +160,5 @@ class Simulation:
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_down": sum(r["bytes_down"] for r in rows),
             "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
+            **({"module_similarity": module_similarity(updates)} if fed.method == "fedplora" else {}),
         }
