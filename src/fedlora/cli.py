@@ -28,9 +28,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileExistsError)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.data import DataError
     from fedlora.methods import MethodError
+    from fedlora.evaluation.runs import RunFolderError
     from fedlora.model.assets import AssetError
 
-    return (*USER_ERRORS, DataError, MethodError, AssetError)
+    return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -90,6 +91,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several methods × seeds on the same partitions: table.md, table.csv and PNGs in one folder."""
+    from fedlora.sim.compare import cli
+
+    log.info("comparison in %s", cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:]))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Partition the config's source as a run would, print the per-client table, write a heatmap."""
     from fedlora.report.partition import partition_heatmap, partition_table
@@ -129,6 +138,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return launch([*argv, *args.overrides])
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """report.md and report-*.png of one or more runs, overlaid (docs/use.md)."""
+    from fedlora.report.markdown import write_report
+
+    log.info("report %s", write_report(args.run_dirs, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -143,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
     methods = sub.add_parser("methods", help="list the aggregation methods")
     methods.set_defaults(func=cmd_methods)
+    compare = sub.add_parser("compare", help="run several methods over several seeds on the same partitions; table and plots")
+    compare.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    compare.add_argument("overrides", nargs="*", help="dotted key=value overrides shared by every run")
+    compare.add_argument("--methods", required=True, help="comma-separated methods, e.g. flora,fedit,zeropad,fedplora")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, … (default 3)")
+    compare.add_argument("--one-rank", type=int, default=None, help="rank for methods that need one rank for all (default: the smallest client rank)")
+    compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it are reused")
+    compare.set_defaults(func=cmd_compare)
     deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     deploy.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
@@ -151,13 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.set_defaults(func=cmd_deploy)
+    report = sub.add_parser("report", help="markdown summary and PNG plots of one or more run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; several are overlaid")
+    report.add_argument("--out", help="folder for report.md and the PNGs (default: the first RUN_DIR)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # key=value after the options: `fedlora compare CFG --seeds 3 k=v`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `fedlora run key=value` with the default config
         args.config = None

@@ -1,0 +1,77 @@
+"""fedlora report on hand-made run folders: numbers in the markdown, plots from plain metrics dicts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import build_config, to_yaml
+from fedlora.report.plots import cumulative_mb, plot_global, plot_noise, plot_similarity, series
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(method: str, losses: list[float], noise: float | None, similarity: bool = False) -> list[dict]:
+    out = []
+    for r, loss in enumerate(losses):
+        entry = {"round": r, "method": method, "eval": {"global": {"loss": loss}, "clients": {"0": {"loss": loss + 1}, "1": {"loss": loss - 1}}}}
+        if r:
+            entry.update(bytes_up=1_000_000 * r, bytes_down=2_000_000, agg_noise=noise, init_noise=0.0)
+            if similarity:
+                entry["module_similarity"] = {"within": 0.1 * r, "cross": 0.01, "pairs_within": 1, "pairs_cross": 2}
+        out.append(entry)
+    return out
+
+
+def _run_dir(tmp_path: Path, name: str, method: str, metrics: list[dict]) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    cfg = build_config({"lora": {"ranks": [2, 1]}, "federation": {"method": method, "num_clients": 2}}, [])
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return folder
+
+
+def test_series_and_bytes_skip_missing_values():
+    run = _metrics("fedit", [3.0, 2.5, 2.0], noise=None)
+    run[1]["eval"]["global"]["loss"] = float("nan")
+    assert series(run, lambda e: e["round"], lambda e: e["eval"]["global"]["loss"]) == ([0.0, 2.0], [3.0, 2.0])
+    assert cumulative_mb(run) == {0: 0.0, 1: 3.0, 2: 7.0}
+    assert series(run, lambda e: e["round"], lambda e: e.get("agg_noise")) == ([], [])
+
+
+def test_plots_from_plain_metrics_lists(tmp_path):
+    runs = [_metrics("flora", [3.0, 2.0], noise=0.0), _metrics("fedit", [3.0, 2.2], noise=0.05)]
+    path = plot_global(runs, ["flora", "fedit"], tmp_path / "g.png")
+    assert path.read_bytes().startswith(PNG)
+    assert plot_noise(runs, ["flora", "fedit"], tmp_path / "n.png").read_bytes().startswith(PNG)
+    assert plot_similarity(runs, ["flora", "fedit"], tmp_path / "s.png") is None  # no fedplora run
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_report_of_two_runs_overlays_them(tmp_path, capsys):
+    a = _run_dir(tmp_path, "a-fedplora", "fedplora", _metrics("fedplora", [3.0, 2.5, 2.25], noise=0.0, similarity=True))
+    b = _run_dir(tmp_path, "b-fedit", "fedit", _metrics("fedit", [3.0, 2.75], noise=0.125))
+    assert main(["report", str(a), str(b)]) == 0
+    md = (a / "report.md").read_text()
+    assert "| a-fedplora | fedplora | 2 | 3.0000 → 2.2500 |" in md
+    assert "| b-fedit | fedit | 1 | 3.0000 → 2.7500 | — | 1.0 | 2.0 | 0.1250 | 0.0000 |" in md
+    assert "| 1 | 1 | 2.0000 | 1.2500 | -0.7500 |" in md  # client 1 of run a: rank 1, loss − 1
+    for name in ("global", "clients", "noise", "similarity"):
+        assert (a / f"report-{name}.png").read_bytes().startswith(PNG)
+        assert f"(report-{name}.png)" in md
+
+
+def test_report_of_a_folder_that_is_no_run_fails_in_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "RUN_DIR" in err and "config.yaml" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("line", ["not json"])
+def test_bad_metrics_line_is_named(tmp_path, capsys, line):
+    folder = _run_dir(tmp_path, "r", "fedit", _metrics("fedit", [3.0], noise=None))
+    (folder / "metrics.jsonl").write_text(line + "\n")
+    assert main(["report", str(folder)]) == 2
+    assert "metrics.jsonl line 1" in capsys.readouterr().err
