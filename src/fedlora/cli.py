@@ -146,6 +146,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The run's global model as a PEFT adapter (or a merged model folder), docs/use.md."""
+    from fedlora.evaluation.export_run import describe, export_run
+
+    Console().print(describe(export_run(args.run_dir, args.out, args.rank, args.merged, args.client)), highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -180,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; several are overlaid")
     report.add_argument("--out", help="folder for report.md and the PNGs (default: the first RUN_DIR)")
     report.set_defaults(func=cmd_report)
+    export = sub.add_parser("export", help="a run's global model as a standard PEFT adapter, or merged (--merged)")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="a new or empty folder")
+    export.add_argument("--rank", type=int, help="adapter rank (default: exact; flora/zeropad: smallest with ≤ 1%% error per layer)")
+    export.add_argument("--merged", action="store_true", help="write W_0 + ΔW as a full model folder with the tokenizer")
+    export.add_argument("--client", type=int, help="client K of a personal-method run (local)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

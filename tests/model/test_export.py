@@ -1,0 +1,122 @@
+"""fedlora export on a tiny random Llama folder: the adapter reproduces the run's global model
+(exactly, or within the printed error), and the merged folder equals base + adapter."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedlora.cli import main
+from fedlora.evaluation.export_run import export_run
+from fedlora.model.adapters import AdapterHost
+from fedlora.model.export import Spectrum, smallest_rank, spectra
+from fedlora.model.loading import target_layer_shapes
+
+from tests.conftest import rel_err
+from tests.evaluation.tiny_run import TARGETS, tiny_model_dir, tiny_run_dir
+
+IDS = torch.tensor([[2, 5, 9, 11, 7, 30, 14, 6]])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.double()
+
+
+def _global_logits(base, delta):
+    """The run's global model W_0 + ΔW_g, as the simulator evaluates it."""
+    model = _load(base)
+    host = AdapterHost(model, list(target_layer_shapes(model, TARGETS)))
+    host.set_delta(delta)
+    return _logits(host.model)
+
+
+def test_exact_method_adapter_gives_the_global_models_logits(base, tmp_path):
+    run, delta = tiny_run_dir(tmp_path / "run", base, "fedit", [2, 2, 2])
+    e = export_run(run, tmp_path / "out")
+    assert e.kind == "adapter" and e.rank == e.exact_rank == 2 and e.max_layer_error == 0.0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and config["r"] == 2
+    got = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "out"))
+    assert rel_err(got, _global_logits(base, delta)) < 1e-6  # float32 weights and factors
+
+
+def test_flora_is_compressed_within_the_printed_error(base, tmp_path, capsys):
+    run, delta = tiny_run_dir(tmp_path / "run", base, "flora", [3, 2, 1])
+    assert main(["export", str(run), "--out", str(tmp_path / "out"), "--rank", "4"]) == 0
+    printed = capsys.readouterr().out
+    e = json.loads((tmp_path / "out" / "fedlora_export.json").read_text())
+    assert e["rank"] == 4 and e["exact_rank"] == 12 and f"{100 * e['max_layer_error']:.3f}%" in printed
+    peft_model = PeftModel.from_pretrained(_load(base), tmp_path / "out")
+    layers = AdapterHost.lora_layers(peft_model)
+    errors = {}
+    for name, terms in delta.items():
+        true = sum(t.B @ t.A for t in terms)
+        layer = layers[name]
+        got = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double() * layer.scaling["default"]
+        errors[name] = rel_err(got, true)
+    assert max(errors.values()) == pytest.approx(e["max_layer_error"], rel=1e-4)
+    assert 0.05 < e["max_layer_error"] < 1  # rank 4 of 12 really loses something
+    assert rel_err(_logits(peft_model), _global_logits(base, delta)) <= e["overall_error"]
+
+
+def test_default_rank_is_the_smallest_within_one_percent(base, tmp_path):
+    run, delta = tiny_run_dir(tmp_path / "run", base, "flora", [3, 2, 1])
+    e = export_run(run, tmp_path / "out")
+    specs = spectra(delta)
+    assert e.max_layer_error <= 0.01 and e.rank <= e.exact_rank
+    assert max(s.rel_error(e.rank - 1) for s in specs.values()) > 0.01
+
+
+def test_rank_choice_on_a_hand_made_spectrum():
+    s = Spectrum(U=torch.eye(4, dtype=torch.float64), S=torch.tensor([10.0, 1.0, 0.1, 0.0], dtype=torch.float64), Vh=torch.eye(4, dtype=torch.float64))
+    assert s.rel_error(1) == pytest.approx((1.01 / 101.01) ** 0.5, rel=1e-14)
+    assert s.rel_error(2) == pytest.approx((0.01 / 101.01) ** 0.5, rel=1e-14)
+    assert s.exact_rank() == 3
+    assert smallest_rank({"L": s}, 0.05) == 2 and smallest_rank({"L": s}, 0.2) == 1 and smallest_rank({"L": s}, 0.0) == 3
+
+
+def test_merged_folder_equals_base_plus_adapter(base, tmp_path):
+    run, delta = tiny_run_dir(tmp_path / "run", base, "fedit", [2, 2, 2])
+    export_run(run, tmp_path / "adapter")
+    e = export_run(run, tmp_path / "merged", merged=True)
+    assert e.kind == "merged" and (tmp_path / "merged" / "tokenizer.json").is_file()
+    merged, original = _load(tmp_path / "merged").state_dict(), _load(base).state_dict()
+    adapter = PeftModel.from_pretrained(_load(base), tmp_path / "adapter")
+    layers = AdapterHost.lora_layers(adapter)
+    for key, w0 in original.items():
+        name = key.removesuffix(".weight")
+        if name in layers:
+            l = layers[name]
+            expected = w0.double() + l.lora_B["default"].weight.double() @ l.lora_A["default"].weight.double() * l.scaling["default"]
+            assert rel_err(merged[key].double(), expected) < 1e-6 and not torch.equal(merged[key], w0)
+        else:
+            assert torch.equal(merged[key], w0), key
+    assert rel_err(_logits(_load(tmp_path / "merged")), _logits(adapter)) < 1e-6
+
+
+def test_user_errors_are_one_line(base, tmp_path, capsys):
+    run, _ = tiny_run_dir(tmp_path / "run", base, "fedit", [2, 2])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [
+        (["--out", str(tmp_path / "a"), "--rank", "0"], "--rank: 0 (accepted: an integer >= 1)"),
+        (["--out", str(tmp_path / "b"), "--rank", "9"], "--rank: 9 exceeds the update's exact rank 2 (accepted: 1..2"),
+        (["--out", str(tmp_path / "full")], "already holds files"),
+        (["--out", str(tmp_path / "c"), "--client", "0"], "--client: "),
+    ]
+    for extra, message in cases:
+        assert main(["export", str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err.replace("\n", " ") and "Traceback" not in err
