@@ -154,6 +154,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out loss/perplexity or multiple-choice accuracy, and greedy generations (docs/use.md)."""
+    from fedlora.evaluation.eval_run import describe, run_eval
+    from fedlora.sim.run_dir import write_json
+
+    result = run_eval(args.path, args.data, client=args.client, prompts=args.prompt, generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    Console().print("\n".join(describe(result)), highlight=False, soft_wrap=True, markup=False)
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with heterogeneous LoRA ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -195,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="write W_0 + ΔW as a full model folder with the tokenizer")
     export.add_argument("--client", type=int, help="client K of a personal-method run (local)")
     export.set_defaults(func=cmd_export)
+    ev = sub.add_parser("eval", help="held-out loss/perplexity or multiple-choice accuracy of a run or model folder, and generations")
+    ev.add_argument("path", metavar="RUN_DIR|MODEL_DIR", help="a run folder, an exported adapter or a full model folder")
+    ev.add_argument("--data", help="a data file (held-out loss), or MMLU-format JSONL: question, choices, answer (accuracy)")
+    ev.add_argument("--prompt", action="append", default=[], help="a prompt to answer greedily (repeatable)")
+    ev.add_argument("--generate", type=int, default=3, help="without --prompt: answer the data file's first N prompts (default 3)")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--max-length", type=int, help="tokens per example (default: the run's train.max_length, else 256)")
+    ev.add_argument("--client", type=int, help="client K's model of a personal-method run (local)")
+    ev.add_argument("--json", help="also write the results to this JSON file")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -22,24 +22,30 @@ from tests.conftest import random_update
 
 TARGETS = ["q_proj", "v_proj"]
 WORDS = (
-    "Question : Answer What is the capital of France Paris London Rome two plus equals four five three "
+    "Question: Answer: What is the capital of France Paris London Rome two plus equals four five three "
     "color sky blue green red hello world a an it and"
 ).split()
 
 
-def tiny_model_dir(folder: Path) -> Path:
-    """save_pretrained of a 2-layer random Llama (float32) and a word-level fast tokenizer."""
+def word_tokenizer():
+    """A fast tokenizer splitting on whitespace over WORDS (no chat template): ids by hand."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model_dir(folder: Path) -> Path:
+    """save_pretrained of a 2-layer random Llama (float32) and the word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=3,
     )
     model = LlamaForCausalLM(cfg)
