@@ -92,6 +92,10 @@ class FederationCfg(Section):
     min_clients: int = Field(1, ge=1, description="At least this many clients per round.")
     options: dict[str, Any] = Field(default_factory=dict, description="Method options, e.g. weights: uniform.")
     wire_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of factors on the wire (Flower).")
+    max_update_norm: float = Field(
+        1e4, gt=0, allow_inf_nan=False,
+        description="Largest accepted ‖B‖_F, ‖A‖_F and s·‖B‖_F·‖A‖_F of a client's update on any layer; a larger one is rejected.",
+    )
 
 
 class TrainCfg(Section):

@@ -5,13 +5,15 @@
 - ``configure_train``: sample (the simulator's seeded rule, over partitions) → ``method.plan``
   per client → one message per client's node (plan records + the resolved config);
 - clients: client_prepare, catch_up + train (client_regularizer), client_finish (ClientApp);
-- ``aggregate_train``: decode the updates (in sampled order) → data_weights → method.aggregate
-  → diagnostics, from the server's mirror of every client's base;
+- ``aggregate_train``: decode the updates (in sampled order), then the simulator's own server
+  half of a round (``sim/server_round.finish_round``: validate → weights → method.aggregate →
+  heads → diagnostics), from the server's mirror of every client's base;
 - ``evaluate`` (Strategy.start's ``evaluate_fn``): the simulator's evaluation, then the round's
   line in metrics.jsonl.
 
 A client whose node fails or does not answer within the round timeout is recorded under
-``lost``; the round goes on with the others if at least ``federation.min_clients`` replied.
+``lost``, one whose reply fails to decode or validate under ``rejected``; the round goes on with
+the others if at least ``federation.min_clients`` remain.
 """
 
 from __future__ import annotations
@@ -29,18 +31,15 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedlora.flower.client_app import RUN
-from fedlora.flower.records import message_nbytes, plan_to_records, records_to_update, update_stats
+from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, client_prepare, plan_nbytes, update_nbytes
-from fedlora.ops.weights import data_weights
-from fedlora.sim import diagnostics
+from fedlora.methods.base import ClientPlan, Delta, client_prepare
 from fedlora.sim.experiment import Experiment
 from fedlora.sim.federation import Simulation, sample_clients
+from fedlora.sim.server_round import Arrival, RoundFailed, finish_round
 from fedlora.train.client import start_delta
 
-
-class RoundFailed(RuntimeError):
-    """Fewer clients than federation.min_clients replied in a round."""
+__all__ = ["FedLoraStrategy", "RoundFailed"]
 
 
 @dataclass
@@ -121,70 +120,41 @@ class FedLoraStrategy(Strategy):
         for lost in rnd.lost:
             log(WARNING, "round %d: lost partition %d (node %s): %s", server_round, lost["id"], lost["node"], lost["error"].splitlines()[0])
 
-        updates, rows, starts, inits = [], [], [], []
+        arrivals, undecodable = [], []
         for k in order:
             sent = rnd.plans[k]
             plan = client_prepare(exp.method, sent)  # the client's pure expansion, repeated here
-            update = records_to_update(arrived[k].content, frozen_A={n: f.A for n, f in (plan.init or {}).items()})
-            if update.client != k:
-                raise RuntimeError(f"round {server_round}: partition {k}'s node replied for partition {update.client}")
+            content = arrived[k].content
+            try:
+                update = records_to_update(content, frozen_A={n: f.A for n, f in (plan.init or {}).items()})
+                stats = update_stats(content)
+                node_rank = int(content.config_records["update"].get("node_rank", plan.rank))
+            except (WireError, KeyError, TypeError, ValueError, AssertionError) as e:  # malformed records, mismatched factor shapes
+                undecodable.append({"id": k, "reason": f"undecodable reply: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"})
+                continue
             state = self.sim.states[k]
             state.catch_up(sent)  # what the client's base now holds (it replied, so it caught up)
-            start = start_delta(state, plan)
-            inits.append(diagnostics.init_noise(rnd.before, start, plan))
-            stats = update_stats(arrived[k].content)
-            rows.append(self._row(k, plan, sent, update, stats, inits[-1], rnd.wire_down[k], message_nbytes(arrived[k].content),
-                                  int(arrived[k].content.config_records["update"].get("node_rank", plan.rank)), arrived[k].metadata.src_node_id))
-            updates.append(update)
-            starts.append(start)
-        weights = data_weights([u.num_examples for u in updates])
-        exp.method.aggregate(updates, weights, server_round)
-        self.sim._aggregate_heads(updates, weights)  # FedAvg of the task head, by the simulator's own code
-        self.entry = self._entry(rnd, rows, updates, starts, inits, weights)
-        if self.checkpoints is not None:
-            save_delta(exp.method.global_delta(), self.checkpoints / f"round-{server_round}-delta.safetensors")
-        metrics = MetricRecord({"clients": len(order), "lost": len(rnd.lost), "bytes-up": self.entry["bytes_up"], "wire-bytes-up": self.entry["wire_bytes_up"]})
-        return None, metrics
-
-    def _row(self, k: int, plan: ClientPlan, sent: ClientPlan, update: ClientUpdate, stats: dict[str, float], init: float | None,
-             wire_down: int, wire_up: int, node_rank: int, node: int) -> dict[str, Any]:
-        """The simulator's per-client row, plus what the wire really carried."""
-        return {
-            "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
-            "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(sent),
-            "init_noise": init, "padded_fraction": float(stats.get("padded-fraction", 0.0)),
-            "local_rank_sum": sum(f.rank for f in update.factors.values()),
-            "wire_bytes_up": wire_up, "wire_bytes_down": wire_down, "node": node, "node_rank": node_rank,
-            "timing": {k.removesuffix("-s").replace("-", "_") + "_s": v for k, v in stats.items() if k.endswith("-s")},
-        }
-
-    def _entry(self, rnd: _Round, rows: list[dict[str, Any]], updates: list[ClientUpdate], starts: list[Delta],
-               inits: list[float | None], weights: list[float]) -> dict[str, Any]:
-        """The simulator's metrics line for a round (same keys), plus wire bytes and lost clients."""
-        method = self.exp.method
-        after = method.global_delta()
-        if not getattr(method, "communicates", True):
-            for row in rows:
-                row["bytes_up"] = row["bytes_down"] = 0
-        personal = getattr(method, "personal", False)
-        if personal:
-            for row in rows:
-                row["init_noise"] = None
-        return {
-            "round": rnd.number,
-            "method": self.exp.cfg.federation.method,
-            "clients": rows,
-            "weights": weights,
-            "agg_noise": None if personal else diagnostics.agg_noise(rnd.before, after, starts, updates, weights),
-            "init_noise": None if personal else diagnostics.mean_defined(inits),
-            "bytes_up": sum(r["bytes_up"] for r in rows),
-            "bytes_down": sum(r["bytes_down"] for r in rows),
-            "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
-            "wire_bytes_up": sum(r["wire_bytes_up"] for r in rows),
+            extras = {
+                "padded_fraction": float(stats.get("padded-fraction", 0.0)), "wire_bytes_up": message_nbytes(content),
+                "wire_bytes_down": rnd.wire_down[k], "node": arrived[k].metadata.src_node_id, "node_rank": node_rank,
+                "timing": {key.removesuffix("-s").replace("-", "_") + "_s": v for key, v in stats.items() if key.endswith("-s")},
+            }
+            arrivals.append(Arrival(sent, plan, update, start_delta(state, plan), extras))
+        fed = exp.cfg.federation
+        entry = finish_round(exp.method, self.sim.bounds, server_round, fed.method, rnd.sampled, fed.min_clients, rnd.before, arrivals,
+                             self.sim._aggregate_heads, rejected=undecodable)
+        entry.update({
+            "wire_bytes_up": sum(r["wire_bytes_up"] for r in entry["clients"]),
             "wire_bytes_down": sum(rnd.wire_down.values()),  # every plan sent, also to clients lost later
             "wire_dtype": self.wire,
             "lost": sorted(rnd.lost, key=lambda x: x["id"]),
-        }
+        })
+        self.entry = entry
+        if self.checkpoints is not None:
+            save_delta(exp.method.global_delta(), self.checkpoints / f"round-{server_round}-delta.safetensors")
+        metrics = MetricRecord({"clients": len(entry["clients"]), "lost": len(rnd.lost), "rejected": len(entry["rejected"]),
+                                "bytes-up": entry["bytes_up"], "wire-bytes-up": entry["wire_bytes_up"]})
+        return None, metrics
 
     # ---- evaluation: on the server, as in the simulator ------------------------------------------
 

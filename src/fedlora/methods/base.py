@@ -110,6 +110,9 @@ class Method(Protocol):
 
     name: str
     summary: str
+    setup: Setup
+    state_keys: tuple[str, ...]
+    """Attribute paths of everything ``aggregate`` changes (checkpoint and resume, methods/state.py)."""
 
     def plan(self, client: int, round: int) -> ClientPlan: ...
 

@@ -18,6 +18,7 @@ class Centralized:
     name = "centralized"
     summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
     options: dict = {}
+    state_keys = ("factors",)
     pooled = True  # the simulator trains client 0 on every client's training split
     communicates = False
 

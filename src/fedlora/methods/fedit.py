@@ -20,6 +20,7 @@ class FedIT:
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
     options: dict = {}
+    state_keys = ("factors",)
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)
@@ -33,6 +34,7 @@ class FedIT:
             )
         if len(scales) != 1:
             raise MethodError(f"federation.method: 'fedit' needs one lora.scale for every client, got {sorted(scales)}")
+        self.setup = setup
         self.rank, self.scale = ranks.pop(), scales.pop()
         gen = seeded_generator(setup.seed, 0)
         self.factors: dict[str, Factors] = {

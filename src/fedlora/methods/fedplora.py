@@ -44,6 +44,8 @@ class FedPLoRA:
         "modules": Option(0, "number R of one-rank modules per layer; 0 means max lora.ranks", low=0),
     }
 
+    state_keys = ("factors",)
+
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         if setup.rank_patterns:

@@ -43,6 +43,7 @@ class FFALoRA:
     summary = "A drawn once from a shared seed and frozen; only B trains and is averaged (exact)."
 
     options: dict = {}
+    state_keys = ("B",)  # A is a function of the seed
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

@@ -43,6 +43,8 @@ class FlexLoRA:
         "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
     }
 
+    state_keys = ("delta", "round")
+
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
@@ -78,6 +80,10 @@ class FlexLoRA:
             for name in self.setup.layers
         }  # per layer (d_out × Σr_k) @ (Σr_k × d_in) = Σ p_k s_k B_k A_k
         self.round = round
+        self._basis = None
+
+    def after_load(self) -> None:
+        """The SVD cache belongs to the state it was computed from."""
         self._basis = None
 
     def global_delta(self) -> Delta:

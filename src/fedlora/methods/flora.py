@@ -25,6 +25,8 @@ class FLoRA:
         "scaling": Option(1.0, "multiplier c on every p_k (the paper's scaling-factor study); c ≠ 1 is inexact by |c − 1|", low=0.0),
     }
 
+    state_keys = ("base.history", "base.synced")
+
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup

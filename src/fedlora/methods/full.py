@@ -27,6 +27,7 @@ class FullFedAvg:
     name = "full"
     summary = "Reference: FedAvg of the adapted layers' full weights (d_out·d_in per layer each way); exact."
     options: dict = {}
+    state_keys = ("B",)
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

@@ -83,6 +83,9 @@ class HetLoRA:
         "weights": Option("norm", "w_k ∝ ‖s_k B_k A_k‖_F (norm) or p_k from example counts (data)", choices=("norm", "data")),
     }
 
+    state_keys = ("glob", "rank", "layer_ranks", "last_weights")
+    prunes = True  # a client's upload may have a lower rank than its plan (self-pruning), never a higher one
+
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup

@@ -18,6 +18,7 @@ class LocalOnly:
     name = "local"
     summary = "Reference: each client trains its own rank-r_k LoRA on its own data; no communication."
     options: dict = {}
+    state_keys = ("factors",)
     personal = True  # evaluated per client with client_delta(k)
     communicates = False
 

@@ -31,6 +31,8 @@ class ZeroPad:
         "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
     }
 
+    state_keys = ("base.history", "base.synced")
+
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup

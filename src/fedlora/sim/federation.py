@@ -1,7 +1,8 @@
 """The in-process federation: the round loop, written once (style.md lesson 2).
 
-sample → plan → train → aggregate → diagnose → evaluate → record. The method owns the math,
-the trainer the local work, the run folder the files; this module only orders them.
+sample → plan → train → aggregate → diagnose → evaluate → record → checkpoint. The method owns
+the math, the trainer the local work, ``server_round`` the server's half of a round (shared with
+Flower), the run folder the files; this module only orders them.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedlora.methods.base import ClientUpdate, client_finish, client_prepare, client_regularizer, plan_nbytes, update_nbytes
-from fedlora.ops.weights import data_weights
-from fedlora.sim import diagnostics
-from fedlora.sim.experiment import Experiment
-from fedlora.sim.similarity import module_similarity
-from fedlora.train.client import ClientState, start_delta
+from fedlora.methods.base import ClientUpdate, client_finish, client_prepare, client_regularizer
+from fedlora.methods.validate import Bounds
 from fedlora.ops.lowrank import weighted_mean
+from fedlora.sim.checkpoint import kill_point
+from fedlora.sim.experiment import Experiment
+from fedlora.sim.server_round import Arrival, bounds_of, finish_round
+from fedlora.train.client import ClientState, start_delta
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
@@ -88,20 +89,32 @@ class Simulation:
         finally:
             exp.host.restore()
 
-    def run(self, record: Callable[[dict[str, Any]], None]) -> None:
+    def run(self, record: Callable[[dict[str, Any]], None], checkpoint: Callable[[int, list[dict[str, Any]]], None] | None = None,
+            done: list[dict[str, Any]] | None = None) -> None:
+        """Round 0 (evaluation before training), then every round; ``done``: the entries of a resumed run.
+
+        ``checkpoint(round, metrics so far)`` runs after each round's entry is recorded.
+        """
         cfg = self.exp.cfg
-        t0 = time.perf_counter()
-        first = {"round": 0, "method": cfg.federation.method, "clients": [], "eval": self.evaluate(), "wall_s": time.perf_counter() - t0}
-        record(first)
-        self.hooks.round_end(first)
-        for rnd in range(1, cfg.federation.rounds + 1):
+        metrics = list(done or [])
+
+        def finish(entry: dict[str, Any]) -> None:
+            metrics.append(entry)
+            record(entry)
+            self.hooks.round_end(entry)
+            if checkpoint is not None:
+                checkpoint(entry["round"], metrics)
+
+        if not metrics:
+            t0 = time.perf_counter()
+            finish({"round": 0, "method": cfg.federation.method, "clients": [], "eval": self.evaluate(), "wall_s": time.perf_counter() - t0})
+        for rnd in range(metrics[-1]["round"] + 1, cfg.federation.rounds + 1):
             t_round = time.perf_counter()
             entry = self.round(rnd)
             if rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds:
                 entry["eval"] = self.evaluate()
             entry["wall_s"] = time.perf_counter() - t_round
-            record(entry)
-            self.hooks.round_end(entry)
+            finish(entry)
 
     def _aggregate_heads(self, updates: list[ClientUpdate], weights: list[float]) -> None:
         if not updates or not updates[0].head:
@@ -119,8 +132,7 @@ class Simulation:
         self.hooks.round_start(rnd, sampled)
         before = exp.method.global_delta()
         plans = {k: exp.method.plan(k, rnd) for k in sampled}
-        updates: list[ClientUpdate] = []
-        starts, rows, inits = [], [], []
+        arrivals: list[Arrival] = []
         for k in sampled:
             sent = plans[k]
             sent.head = self.head_for(k)
@@ -130,35 +142,11 @@ class Simulation:
             update, stats = exp.trainer.fit(plan, self.states[k], train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan))
             update = client_finish(exp.method, plan, update)
             start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
-            inits.append(diagnostics.init_noise(before, start, plan))
-            updates.append(update)
-            starts.append(start)
-            rows.append({
-                "id": k, "rank": plan.rank, "num_examples": update.num_examples, "train_loss": update.train_loss,
-                "bytes_up": update_nbytes(update, send_A=plan.train_A), "bytes_down": plan_nbytes(sent),
-                "init_noise": inits[-1], "padded_fraction": stats.padded_fraction,
-                "local_rank_sum": sum(f.rank for f in update.factors.values()),  # Σ over layers; AdaLoRA prunes it
-            })
-        weights = data_weights([u.num_examples for u in updates])
-        exp.method.aggregate(updates, weights, rnd)
-        self._aggregate_heads(updates, weights)
-        after = exp.method.global_delta()
-        if not getattr(exp.method, "communicates", True):
-            for row in rows:
-                row["bytes_up"] = row["bytes_down"] = 0
-        personal = getattr(exp.method, "personal", False)  # no global model: the noises are undefined
-        if personal:
-            for row in rows:
-                row["init_noise"] = None
-        return {
-            "round": rnd,
-            "method": fed.method,
-            "clients": rows,
-            "weights": weights,
-            "agg_noise": None if personal else diagnostics.agg_noise(before, after, starts, updates, weights),
-            "init_noise": None if personal else diagnostics.mean_defined(inits),
-            "bytes_up": sum(r["bytes_up"] for r in rows),
-            "bytes_down": sum(r["bytes_down"] for r in rows),
-            "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
-            **({"module_similarity": module_similarity(updates)} if fed.method == "fedplora" else {}),
-        }
+            arrivals.append(Arrival(sent, plan, update, start, {"padded_fraction": stats.padded_fraction}))
+            kill_point("mid-round", rnd)
+        return finish_round(exp.method, self.bounds, rnd, fed.method, sampled, fed.min_clients, before, arrivals, self._aggregate_heads)
+
+    @property
+    def bounds(self) -> Bounds:
+        cfg = self.exp.cfg
+        return bounds_of(self.exp.method, cfg.federation.max_update_norm, adalora=cfg.lora.adapter == "adalora")

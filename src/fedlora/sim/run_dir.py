@@ -14,38 +14,51 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import Config, to_yaml
+from fedlora.config import Config, ConfigError, to_yaml
 
 
 def default_run_dir(method: str) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{method}"
 
 
-def _clean(x: Any) -> Any:
+def clean_json(x: Any) -> Any:
     """NaN/inf → None so metrics.jsonl stays strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: clean_json(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_clean(v) for v in x]
+        return [clean_json(v) for v in x]
     return x
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write atomically: a crash never leaves a half-written file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    tmp.write_text(json.dumps(clean_json(obj), indent=2) + "\n")
     os.replace(tmp, path)
 
 
 class RunDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        """A new (or empty) folder; with ``resume``, the folder of an earlier run of the same config."""
         self.path = path
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"output.dir: {path} already holds files (accepted: a new or empty folder)")
+        if resume and not (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {path} holds no config.yaml (accepted: the folder of an earlier fedlora run)")
+        if not resume and path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"output.dir: {path} already holds files (accepted: a new or empty folder, or --resume {path})")
         path.mkdir(parents=True, exist_ok=True)
         self.metrics = path / "metrics.jsonl"
+        self.checkpoints = path / "checkpoints"
+
+    def rewrite_metrics(self, metrics: list[dict[str, Any]]) -> None:
+        """metrics.jsonl := the given entries (a resumed run drops lines of rounds after its checkpoint)."""
+        tmp = self.metrics.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(clean_json(e)) + "\n" for e in metrics)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics)
 
     def write_config(self, cfg: Config) -> None:
         (self.path / "config.yaml").write_text(to_yaml(cfg))
@@ -55,7 +68,7 @@ class RunDir:
 
     def record(self, entry: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
-            f.write(json.dumps(_clean(entry)) + "\n")
+            f.write(json.dumps(clean_json(entry)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

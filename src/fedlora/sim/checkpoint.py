@@ -1,0 +1,130 @@
+"""A checkpoint after every round, written atomically, and the resume that reads it back.
+
+``RUN_DIR/checkpoints/round-<t>/`` holds ``state.safetensors`` (every tensor) and
+``state.json`` (the skeleton that places them, the round, the RNG states, the metrics so far).
+Contents: the method's state (``methods/state.py``), each client's merged base and version, the
+FedAvg'd task heads, G_t − W_0 (for inspection), the torch, Python and NumPy global RNG states.
+Both files are written in a temporary folder, fsynced, and the folder is renamed into place,
+so a process killed at any point leaves either the complete checkpoint or none; the newest
+``round-<t>`` folder is the one to resume from, and only the last ``KEEP`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlora.methods.state import load_state, pack, state_of, unpack
+
+if TYPE_CHECKING:
+    from fedlora.sim.federation import Simulation
+
+FORMAT = 1
+KEEP = 2
+KILL_ENV = "FEDLORA_TEST_KILL_AT"
+_NAME = re.compile(r"round-(\d+)")
+
+
+def kill_point(name: str, round: int) -> None:
+    """Test hook: SIGKILL this process at a named point (``FEDLORA_TEST_KILL_AT=<name>:<round>``)."""
+    if os.environ.get(KILL_ENV) == f"{name}:{round}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(keys.astype(np.int64))}
+    return tensors, {"python": [version, list(mt), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    version, mt, gauss = meta["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save(folder: Path, sim: Simulation, round: int, metrics: list[dict[str, Any]]) -> Path:
+    """Write ``folder/round-<t>`` atomically; drop older checkpoints beyond the last ``KEEP``."""
+    from fedlora.sim.run_dir import clean_json
+
+    method = sim.exp.method
+    state = {
+        "method": state_of(method),
+        "clients": {k: {"base": s.base, "version": s.version} for k, s in sim.states.items()},
+        "heads": sim.heads,
+        "global_delta": method.global_delta(),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = pack(state, tensors)
+    rng_tensors, rng = _rng_state()
+    tensors.update(rng_tensors)
+    meta = {"format": FORMAT, "round": round, "method": method.name, "state": skeleton, "rng": rng, "metrics": clean_json(metrics)}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"round-{round:04d}"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    _fsync(tmp / "state.safetensors")
+    kill_point("mid-checkpoint", round)
+    (tmp / "state.json").write_text(json.dumps(meta))
+    _fsync(tmp / "state.json")
+    _fsync(tmp)
+    if final.exists():  # a round redone after a resume from an older checkpoint
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(folder)
+    for old in complete(folder)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".round-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    kill_point("after-checkpoint", round)
+    return final
+
+
+def complete(folder: Path) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest first (a half-written one never has this name)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load(path: Path, sim: Simulation) -> list[dict[str, Any]]:
+    """Restore a checkpoint into a freshly prepared simulation; the metrics recorded up to it."""
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    method = sim.exp.method
+    if meta["method"] != method.name:
+        raise ValueError(f"{path}: a checkpoint of method {meta['method']!r}, not {method.name!r}")
+    tensors = load_file(str(path / "state.safetensors"))
+    state = unpack(meta["state"], tensors)
+    load_state(method, state["method"])
+    for k, s in state["clients"].items():
+        sim.states[k].base, sim.states[k].version = s["base"], s["version"]
+    sim.heads = state["heads"]
+    _set_rng_state(tensors, meta["rng"])
+    return meta["metrics"]
