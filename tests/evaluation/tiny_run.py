@@ -56,7 +56,8 @@ def tiny_model_dir(folder: Path) -> Path:
 
 
 def tiny_run_dir(folder: Path, base: Path, method: str, ranks: list[int], rounds: int = 2, seed: int = 0) -> tuple[Path, dict]:
-    """A run folder whose final/ is ``method`` aggregated over random updates; returns it and the global delta."""
+    """A run folder whose final/ is ``method`` aggregated over random updates; returns it and the global
+    delta (client 0's for a personal method)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base).eval()
@@ -82,5 +83,10 @@ def tiny_run_dir(folder: Path, base: Path, method: str, ranks: list[int], rounds
     }, [])
     (folder / "config.yaml").write_text(to_yaml(cfg))
     (folder / "metrics.jsonl").write_text(json.dumps({"round": 0, "method": method, "clients": [], "eval": {"global": {"loss": 1.0}}}) + "\n")
-    save_adapter(AdapterHost(model, list(shapes)), m.global_delta(), TARGETS, folder / "final", str(base))
+    host = AdapterHost(model, list(shapes))
+    if getattr(m, "personal", False):  # local: one adapter per client, as fedlora run writes them
+        for k in clients:
+            save_adapter(host, m.client_delta(k), TARGETS, folder / "final" / f"client-{k}", str(base))
+        return folder, m.client_delta(0)
+    save_adapter(host, m.global_delta(), TARGETS, folder / "final", str(base))
     return folder, m.global_delta()

@@ -120,3 +120,13 @@ def test_user_errors_are_one_line(base, tmp_path, capsys):
         assert main(["export", str(run), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err.replace("\n", " ") and "Traceback" not in err
+
+
+def test_personal_run_exports_one_client(base, tmp_path, capsys):
+    run, delta0 = tiny_run_dir(tmp_path / "run", base, "local", [2, 1])
+    assert main(["export", str(run), "--out", str(tmp_path / "none")]) == 2
+    assert "--client: local runs have no global model, only per-client ones (accepted: --client one of [0, 1])" in capsys.readouterr().err.replace("\n", " ")
+    e = export_run(run, tmp_path / "c0", client=0)
+    assert e.rank == 2 and e.max_layer_error == 0.0
+    got = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "c0"))
+    assert rel_err(got, _global_logits(base, delta0)) < 1e-6

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -106,7 +107,7 @@ def overall_error(specs: dict[str, Spectrum], rank: int) -> float:
     return (lost / total) ** 0.5 if total > 0 else 0.0
 
 
-def save_merged(host: AdapterHost, delta: Delta, tokenizer, folder: Path) -> None:
+def save_merged(host: AdapterHost, delta: Delta, tokenizer: Any, folder: Path) -> None:
     """W_0 + ΔW folded into the target weights, saved as a full HF folder with the tokenizer."""
     host.set_delta(delta)
     try:
