@@ -30,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.methods import MethodError
     from fedlora.evaluation.runs import RunFolderError
     from fedlora.model.assets import AssetError
+    from fedlora.sim.server_round import RoundFailed
 
-    return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError)
+    return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError, RoundFailed)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,18 +42,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.sim.experiment import prepare
     from fedlora.sim.federation import Simulation
     from fedlora.sim.progress import rich_hooks
-    from fedlora.sim.run_dir import RunDir, default_run_dir, summarize
+    from fedlora.sim.checkpoint import run_with_checkpoints
+    from fedlora.sim.run_dir import RunDir, default_run_dir, resume_config, summarize
     config_path = args.config or packaged_config("default")
-    cfg = load_config(config_path, args.overrides)
+    cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     exp = prepare(cfg)
-    run = RunDir(Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.federation.method))
-    run.write_config(cfg)
-    run.write_partition(exp.partition_info)
+    if args.resume:
+        run = RunDir(Path(args.resume), resume=True)
+    else:
+        run = RunDir(Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.federation.method))
+        run.write_config(cfg)
+        run.write_partition(exp.partition_info)
     log.info("run folder: %s", run.path)
     with rich_hooks(console, cfg) as hooks:
-        Simulation(exp, hooks).run(run.record)
+        run_with_checkpoints(Simulation(exp, hooks), run, resume=bool(args.resume))
     if cfg.output.save_final:
         save_final(exp, run.path / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment in one process")
     run.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (same config)")
     run.set_defaults(func=cmd_run)
     data = sub.add_parser("data", help="show how a config deals its data to clients (table + heatmap PNG)")
     data.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")

@@ -12,6 +12,7 @@ so a process killed at any point leaves either the complete checkpoint or none; 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -28,7 +29,9 @@ from fedlora.methods.state import load_state, pack, state_of, unpack
 
 if TYPE_CHECKING:
     from fedlora.sim.federation import Simulation
+    from fedlora.sim.run_dir import RunDir
 
+log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP = 2
 KILL_ENV = "FEDLORA_TEST_KILL_AT"
@@ -128,3 +131,14 @@ def load(path: Path, sim: Simulation) -> list[dict[str, Any]]:
     sim.heads = state["heads"]
     _set_rng_state(tensors, meta["rng"])
     return meta["metrics"]
+
+
+def run_with_checkpoints(sim: Simulation, run: RunDir, resume: bool = False) -> None:
+    """The simulation with a checkpoint after every round; ``resume``: from the newest complete one."""
+    done = None
+    if resume:
+        found = complete(run.checkpoints)
+        done = load(found[-1], sim) if found else []
+        run.rewrite_metrics(done)  # lines of rounds after the checkpoint are redone
+        log.info("resuming %s after round %s", run.path, done[-1]["round"] if done else "none (no complete checkpoint)")
+    sim.run(run.record, checkpoint=lambda rnd, metrics: save(run.checkpoints, sim, rnd, metrics), done=done)

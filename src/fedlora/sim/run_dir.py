@@ -108,3 +108,32 @@ def summarize(metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
 def _mean(xs: list[Any]) -> float | None:
     vals = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
     return sum(vals) / len(vals) if vals else None
+
+
+def resume_config(folder: Path, config: str | Path | None, overrides: list[str]) -> Config:
+    """The config of the run in ``folder``, with the given config/overrides, which may change output.* only."""
+    from fedlora.config import load_config
+
+    saved_path = folder / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {folder} holds no config.yaml (accepted: the folder of an earlier fedlora run)")
+    saved = load_config(saved_path, [])
+    given = load_config(config or saved_path, overrides)
+    old, new = _flat(saved.model_dump(mode="json")), _flat(given.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith("output.") and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"--resume: {key}={new.get(key)!r} differs from {old.get(key)!r} in {saved_path} "
+                "(accepted: the run's own settings; only output.* may change on resume)"
+            )
+    return given
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "options" and not k.endswith("patterns"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
