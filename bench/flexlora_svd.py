@@ -7,25 +7,21 @@ and calls ``torch.linalg.svd(full_matrices=False)``. Both run in the same proces
 repeats; the dense SVD repeats until ``--dense-repeats`` or the ``--budget-s`` time budget is
 spent (at least once), so the run stays near two minutes on two busy cores.
 
-Writes bench/results/flexlora_svd.json (machine, torch version, command, timings, ratio, accuracy).
+Writes bench/results/flexlora_svd[_quick].json in the common shape (bench/benchlib.py).
 
-    .venv/bin/python bench/flexlora_svd.py [--d 4096] [--repeats 5] [--dense-repeats 3] [--budget-s 75]
+    .venv/bin/python bench/flexlora_svd.py [--quick] [--d 4096] [--repeats 5] [--dense-repeats 3] [--budget-s 75]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
+import benchlib
+from benchlib import timed
 from fedlora.ops.lowrank import LowRank, kaiming_A, lowrank_svd, seeded_generator, stack
 
 RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
@@ -45,27 +41,22 @@ def client_terms(d: int, seed: int) -> list[LowRank]:
     return terms
 
 
-def timed(fn, repeats: int, budget_s: float = float("inf")) -> tuple[list[float], object]:
-    """Wall-clock seconds of ``repeats`` calls (fewer once ``budget_s`` is spent, at least one)."""
-    times, out = [], None
-    while len(times) < repeats and (not times or sum(times) < budget_s):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return times, out
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d", type=int, default=4096, help="d_out = d_in of the layer")
+    ap.add_argument("--quick", action="store_true", default=benchlib.QUICK, help="d = 2048, one dense SVD")
+    ap.add_argument("--d", type=int, default=None, help="d_out = d_in of the layer (default 4096, quick 2048)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the low-rank SVD and of forming the dense matrix")
     ap.add_argument("--dense-repeats", type=int, default=3, help="at most this many dense SVDs")
     ap.add_argument("--budget-s", type=float, default=75.0, help="stop repeating the dense SVD after this many seconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "flexlora_svd.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    load = benchlib.uptime()
     torch.set_num_threads(args.threads)
+    args.d = args.d or (2048 if args.quick else 4096)
+    if args.quick:
+        args.dense_repeats = 1
 
     terms = client_terms(args.d, args.seed)
     s = stack(terms)  # (d × Σr), (Σr × d)
@@ -85,15 +76,6 @@ def main() -> None:
     lowrank_s = statistics.median(lr_times)
     dense_s = statistics.median(form_times) + statistics.median(svd_times)
     result = {
-        "benchmark": "flexlora_svd",
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "uname_m": platform.machine(),
-            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "loadavg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
         "shape": {"d_out": args.d, "d_in": args.d, "ranks": list(RANKS), "sum_r": sum(RANKS), "dtype": "float32"},
         "seconds": {
             "lowrank_svd": lr_times,
@@ -107,14 +89,13 @@ def main() -> None:
         "rel_diff_rank64_truncation": trunc_rel,
         "rel_err_lowrank_reconstruction": full_rel,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"d={args.d} ranks={list(RANKS)} float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"low-rank SVD : {lowrank_s * 1e3:9.1f} ms  (median of {len(lr_times)})")
     print(f"dense SVD    : {dense_s * 1e3:9.1f} ms  (form {statistics.median(form_times) * 1e3:.1f} ms + svd, median of {len(svd_times)})")
     print(f"ratio dense / low-rank: {dense_s / lowrank_s:.0f}x")
     print(f"max relative difference of the {k} singular values: {sv_rel:.2e}; rank-{r} truncation: {trunc_rel:.2e}")
-    print(f"wrote {args.out}")
+    benchlib.write("flexlora_svd", args.quick, load, [benchlib.target("dense SVD / low-rank SVD", ">=", 100.0, dense_s / lowrank_s)], result, args.out)
+    return result
 
 
 if __name__ == "__main__":

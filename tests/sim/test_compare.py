@@ -1,0 +1,96 @@
+"""`fedlora compare` on a tiny random Llama: 2 methods × 2 seeds × 1 round, same partitions, table, CSV, PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlora.cli import main
+from tests.evaluation.tiny_run import TARGETS, tiny_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hidden size 32: threads only wait on each other, and on a busy machine that wait dominates."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    base = tiny_model_dir(root / "tiny-llama")
+    cfg = {
+        "model": {"path": str(base)},
+        "lora": {"ranks": [2, 1, 1], "scale": 2.0, "target_modules": TARGETS},
+        "data": {"source": "chatterbot", "partition": "dirichlet", "alpha": 0.5, "max_examples": 60},
+        "federation": {"method": "flora", "rounds": 1, "num_clients": 3},
+        "train": {"local_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 48},
+        "eval": {"batch_size": 8, "max_examples": 6},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(config: Path) -> Path:
+    out = config.parent / "cmp"
+    assert main(["compare", str(config), "--methods", "flora,fedit", "--seeds", "2", "--output", str(out), "eval.every=1"]) == 0
+    return out
+
+
+def _summary(out: Path, method: str, seed: int) -> dict:
+    return json.loads((out / "runs" / f"{method}-seed{seed}" / "summary.json").read_text())
+
+
+def test_every_run_on_the_same_partition_per_seed(compared: Path) -> None:
+    for seed in (0, 1):
+        parts = [json.loads((compared / "runs" / f"{m}-seed{seed}" / "partition.json").read_text()) for m in ("flora", "fedit")]
+        assert [c["train_indices"] for c in parts[0]["clients"]] == [c["train_indices"] for c in parts[1]["clients"]]
+        first = [json.loads((compared / "runs" / f"{m}-seed{seed}" / "metrics.jsonl").read_text().splitlines()[0]) for m in ("flora", "fedit")]
+        assert first[0]["eval"]["global"]["loss"] == first[1]["eval"]["global"]["loss"]  # same model, head and test split before training
+    s0 = json.loads((compared / "runs" / "flora-seed0" / "partition.json").read_text())
+    s1 = json.loads((compared / "runs" / "flora-seed1" / "partition.json").read_text())
+    assert s0["global_test_indices"] != s1["global_test_indices"]  # seeds differ
+
+
+def test_fedit_falls_back_to_one_rank(compared: Path) -> None:
+    assert _summary(compared, "fedit", 0)["ranks"] == [1, 1, 1] and _summary(compared, "fedit", 0)["one_rank"] == 1
+    assert _summary(compared, "flora", 0)["ranks"] == [2, 1, 1]
+
+
+def test_table_holds_mean_and_std_over_seeds(compared: Path) -> None:
+    rows = {r["method"]: r for r in csv.DictReader((compared / "table.csv").open())}
+    assert set(rows) == {"flora", "fedit"} and rows["fedit"]["ranks"] == "all 1"
+    for m in ("flora", "fedit"):
+        after = [_summary(compared, m, s)["global_loss"]["after"] for s in (0, 1)]
+        assert float(rows[m]["loss_after_mean"]) == pytest.approx(statistics.fmean(after))
+        assert float(rows[m]["loss_after_std"]) == pytest.approx(statistics.stdev(after))
+        ups = [_summary(compared, m, s)["bytes_up"] / 1e6 for s in (0, 1)]
+        assert float(rows[m]["mb_up_per_round_mean"]) == pytest.approx(statistics.fmean(ups))
+    md = (compared / "table.md").read_text()
+    assert "| `flora` | 2,1,1 | 2 |" in md and "| `fedit` | all 1 | 2 |" in md and " ± " in md
+    assert (compared / "loss.png").stat().st_size > 1000
+
+
+def test_finished_runs_are_reused(compared: Path, config: Path) -> None:
+    stamp = (compared / "runs" / "flora-seed0" / "summary.json").stat().st_mtime_ns
+    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(compared), "eval.every=1"]) == 0
+    assert (compared / "runs" / "flora-seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_bad_methods_fail_with_one_line(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["compare", str(config), "--methods", "flora,nope", "--seeds", "2", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--methods" in err and "'nope'" in err and "flora" in err
+    assert not (tmp_path / "x").exists()
