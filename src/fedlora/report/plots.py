@@ -17,6 +17,9 @@ Metrics = Sequence[Mapping[str, Any]]
 
 Getter = Callable[[Mapping[str, Any]], Any]
 
+FLOOR = 1e-12
+"""Noise plots are on a log scale: zeros (exact methods) are drawn here."""
+
 
 def series(run: Metrics, x: Getter, y: Getter) -> tuple[list[float], list[float]]:
     """(x, y) over the entries where y is a finite number (missing, None and NaN skipped)."""
@@ -80,13 +83,15 @@ def plot_noise(runs: Sequence[Metrics], labels: Sequence[str], path: str | Path)
     fig, axes = _figure(2)
     drawn = False
     for ax, key in zip(axes, ("agg_noise", "init_noise")):
+        top = FLOOR * 10
         for run, label in zip(runs, labels):
             xs, ys = series(run, lambda e: e["round"], lambda e, key=key: e.get(key))
             if xs:
                 drawn = True
-                ax.plot(xs, [max(y, 1e-12) for y in ys], marker="o", label=label)  # an exact method's 0 shows at the floor
+                ax.plot(xs, [max(y, FLOOR) for y in ys], marker="o", label=label)  # an exact method's 0 shows at the floor
+                top = max(top, *ys)
         _integer_x(ax)
-        ax.set(xlabel="round", ylabel=f"{key} (floor 1e-12)", title=key, yscale="log")
+        ax.set(xlabel="round", ylabel=f"{key} (floor {FLOOR:g})", title=key, yscale="log", ylim=(FLOOR / 10, top * 10))
     return _save(fig, path, drawn)
 
 
