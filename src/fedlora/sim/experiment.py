@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedlora.config import Config, ConfigError
-from fedlora.data import TokenizeStats, label_names_of, load_examples, partition, tokenize_examples, tokenize_for_classification, train_test_split
+from fedlora.data import DataError, TokenizeStats, label_names_of, load_examples, partition, tokenize_examples, tokenize_for_classification, train_test_split
 from fedlora.methods import Method, Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import head_modules, load_causal_lm, load_classifier, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
@@ -104,6 +104,11 @@ def prepare(cfg: Config) -> Experiment:
     examples = [e for i, e in enumerate(examples) if i not in dropped]  # prompts longer than max_length
     log.info(stats.summary(length))
     clients, global_test, info = split_clients(cfg, examples, tokenized)
+    if empty := [c.id for c in clients if not c.train]:
+        raise DataError(
+            f"data.test_fraction: {cfg.data.test_fraction} leaves client {empty[0]} ({len(empty)} in all) no training example "
+            f"(accepted: a smaller data.test_fraction, a larger data.min_size, or another data.partition)"
+        )
     info["tokenize"] = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
     if cfg.model.task == "classification":
         info["labels"] = labels
