@@ -1,0 +1,149 @@
+"""Property tests of every aggregator on random shapes, ranks, scales and weights (hypothesis, float64).
+
+For each registered method: the server accepts every well-formed update (the validator rejects
+none), the new global model is the method's formula of the updates, and its state survives the
+checkpoint round trip (pack → unpack) with the same global model and the same next plans.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+from fedlora.methods.base import ClientUpdate, Factors, client_finish, client_prepare
+from fedlora.methods.state import load_state, pack, state_of, unpack
+from fedlora.methods.validate import Bounds, check_update
+from fedlora.ops.lowrank import pad
+from fedlora.ops.weights import data_weights
+from fedlora.sim.server_round import bounds_of
+
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def federations(draw):
+    layers = {f"l{i}": (draw(st.integers(1, 7)), draw(st.integers(1, 7))) for i in range(draw(st.integers(1, 2)))}
+    smallest = min(min(s) for s in layers.values())
+    K = draw(st.integers(1, 4))
+    ranks = {k: draw(st.integers(1, smallest)) for k in range(K)}
+    scales = {k: draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])) for k in range(K)}
+    n = [draw(st.integers(0, 40)) for _ in range(K)]
+    return layers, ranks, scales, n, draw(st.integers(0, 2**16))
+
+
+def _build(name, layers, ranks, scales):
+    """The method at heterogeneous ranks and scales, else at one rank and one scale (what it accepts)."""
+    for r, s in ((ranks, scales), (ranks, {k: 2.0 for k in ranks}), ({k: 1 for k in ranks}, {k: 2.0 for k in ranks})):
+        try:
+            return build_method(name, Setup(layers, r, s, seed=0, dtype=torch.float64))
+        except MethodError:
+            continue
+    raise AssertionError(f"{name} accepts no setup")
+
+
+def _updates(method, n, gen, rnd=1):
+    clients = [0] if getattr(method, "pooled", False) else list(method.setup.ranks)
+    plans, updates = {}, []
+    for k in clients:
+        plan = client_prepare(method, method.plan(k, rnd))
+        factors = {}
+        for name, (d_out, d_in) in method.setup.layers.items():
+            r = plan.rank_pattern.get(name, plan.rank)
+            A = plan.init[name].A.clone() if not plan.train_A else torch.randn(r, d_in, generator=gen, dtype=torch.float64)
+            factors[name] = Factors(B=torch.randn(d_out, r, generator=gen, dtype=torch.float64), A=A)
+        update = client_finish(method, plan, ClientUpdate(k, n[k], plan.scale, factors))
+        plans[k] = plan
+        updates.append(update)
+    return plans, updates
+
+
+def _dense(delta) -> dict[str, torch.Tensor]:
+    return {n: sum(t.B.double() @ t.A.double() for t in terms) if terms else None for n, terms in delta.items()}
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return float(torch.linalg.norm(x - y)) <= 1e-10 * max(1.0, float(torch.linalg.norm(y)))
+
+
+def _expected(method, updates, w) -> dict[str, torch.Tensor]:
+    """The method's formula, densified (methods.md §1)."""
+    name, out = method.name, {}
+    for layer in method.setup.layers:
+        f = [u.factors[layer] for u in updates]
+        s = [u.scale for u in updates]
+        if name in ("flora", "flexlora", "ffa", "full"):  # exact: Σ p_k s_k B_k A_k
+            out[layer] = sum(p * sk * x.B @ x.A for p, sk, x in zip(w, s, f))
+        elif name in ("zeropad", "hetlora"):  # product of the padded means
+            R = max(method.setup.rank_of(k, layer) for k in method.setup.ranks)
+            padded = [pad(x.B * sk, x.A, R) for x, sk in zip(f, s)]
+            out[layer] = sum(p * B for p, (B, _) in zip(w, padded)) @ sum(p * A for p, (_, A) in zip(w, padded))
+        elif name == "fedit":
+            out[layer] = s[0] * sum(p * x.B for p, x in zip(w, f)) @ sum(p * x.A for p, x in zip(w, f))
+        elif name == "centralized":
+            out[layer] = s[0] * f[0].B @ f[0].A
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@SETTINGS
+@given(fed=federations())
+def test_every_aggregator_accepts_valid_updates_follows_its_formula_and_round_trips(fed, name):
+    layers, ranks, scales, n, seed = fed
+    gen = torch.Generator().manual_seed(seed)
+    method = _build(name, layers, ranks, scales)
+    plans, updates = _updates(method, n, gen)
+    bounds = bounds_of(method, 1e6)
+    assert all(check_update(u, plans[u.client], bounds) is None for u in updates)
+    p = data_weights([u.num_examples for u in updates])
+    assert all(x >= 0 for x in p) and math.isclose(sum(p), 1.0)
+    method.aggregate(updates, p, 1)
+    w = method.last_weights if name == "hetlora" else ([1 / len(p)] * len(p) if getattr(method, "uniform", False) else p)
+    if name == "hetlora":
+        assert math.isclose(sum(w), 1.0) and all(x >= 0 for x in w)
+    got = _dense(method.global_delta())
+    for layer, want in _expected(method, updates, w).items():
+        assert _close(got[layer], want), (name, layer)
+    if name == "fedplora":  # per module: the mean over the clients that trained it; untrained ones unchanged
+        for layer, g in method.factors.items():
+            for j in range(method.R):
+                trained = [(u, (u.meta["indices"] == j).nonzero().flatten()) for u in updates if bool((u.meta["indices"] == j).any())]
+                if trained:
+                    mean = sum(u.factors[layer].B[:, i].squeeze(-1) for u, i in trained) / len(trained)
+                    assert _close(g.B[:, j], mean)
+    if name == "local":
+        for u in updates:
+            want = u.scale * u.factors[next(iter(layers))].B @ u.factors[next(iter(layers))].A
+            assert _close(_dense(method.client_delta(u.client))[next(iter(layers))], want)
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = pack(state_of(method), tensors)
+    fresh = _build(name, layers, ranks, scales)
+    load_state(fresh, unpack(skeleton, {k: v.clone() for k, v in tensors.items()}))
+    assert _same_delta(fresh.global_delta(), method.global_delta())
+    for k in plans:
+        a, b = fresh.plan(k, 2), method.plan(k, 2)
+        assert a.rank == b.rank and _same_factors(a.init, b.init) and all(_same_delta(x, y) for x, y in zip(a.base_updates, b.base_updates))
+
+
+def _same_delta(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        len(a[n]) == len(b[n]) and all(x.B.equal(y.B) and x.A.equal(y.A) for x, y in zip(a[n], b[n])) for n in a
+    )
+
+
+def _same_factors(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(a[n].B.equal(b[n].B) and a[n].A.equal(b[n].A) for n in a)
+
+
+def test_bounds_reject_nothing_a_method_may_legitimately_send():
+    """HETLoRA may send a pruned rank, down to r_min; every other method exactly its plan's rank."""
+    het = _build("hetlora", {"l": (6, 5)}, {0: 3}, {0: 2.0})
+    assert bounds_of(het, 1.0).min_rank == 1 and bounds_of(_build("flora", {"l": (6, 5)}, {0: 3}, {0: 2.0}), 1.0).min_rank is None
+    assert Bounds({"l": (6, 5)}, 1.0).modules is None
