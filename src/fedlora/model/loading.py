@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -49,19 +50,64 @@ def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
 
 
 def load_classifier(model_dir: Path, num_labels: int, device: torch.device, dtype: torch.dtype, seed: int):
-    """Sequence classifier (new head drawn under ``seed``, all weights frozen) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Sequence classifier (new head drawn under ``seed``, all weights frozen) and its tokenizer.
+
+    A sentence-transformers folder that says it pools by the mean (``1_Pooling/config.json``, as
+    all-MiniLM-L6-v2 does) gets a ``MeanPoolClassifier``: its [CLS] pooler was never trained for
+    the embeddings it is known for. Any other folder gets ``AutoModelForSequenceClassification``.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=dtype, local_files_only=True)
+        if pools_by_mean(model_dir):
+            body = AutoModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+            model = MeanPoolClassifier(body, num_labels)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=dtype, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def pools_by_mean(model_dir: Path) -> bool:
+    """True when a sentence-transformers pooling config next to the weights says mean pooling."""
+    config = Path(model_dir) / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text(encoding="utf-8")).get("pooling_mode_mean_tokens"))
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """A linear head on the attention-masked mean of the encoder's last hidden states.
+
+    The encoder sits under its own ``base_model_prefix`` (``bert``), so layer names match
+    ``AutoModelForSequenceClassification``'s and a LoRA adapter trained here loads there too.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.prefix = encoder.base_model_prefix
+        setattr(self, self.prefix, encoder)
+        self.config = encoder.config
+        hidden = encoder.config.hidden_size
+        self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+        self.classifier = torch.nn.Linear(hidden, num_labels, dtype=encoder.dtype)
+        std = getattr(encoder.config, "initializer_range", 0.02)
+        torch.nn.init.normal_(self.classifier.weight, std=std)  # as BERT's own heads start
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = getattr(self, self.prefix)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, h)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (b, h)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
@@ -82,10 +128,13 @@ def target_layer_shapes(model: torch.nn.Module, target_modules: list[str]) -> di
 
 def meta_layer_shapes(model_dir: Path, target_modules: list[str], task: str = "causal_lm") -> dict[str, tuple[int, int]]:
     """Layer shapes from config.json alone (meta device, no weights read): validates ranks fast."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config)
+        if task == "classification" and pools_by_mean(model_dir):
+            model = MeanPoolClassifier(AutoModel.from_config(config), 2)
+        else:
+            model = auto.from_config(config)
     return target_layer_shapes(model, target_modules)

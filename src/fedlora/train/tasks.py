@@ -2,13 +2,15 @@
 
 - ``CausalLM``: next-token loss on answer tokens (labels −100 elsewhere), summed per token.
 - ``Classification``: cross-entropy of a sequence-classification head, summed per example;
-  evaluation adds accuracy.
+  evaluation adds accuracy and ``majority``, the split's most frequent label's share: the
+  accuracy of always answering that label, the chance level to read accuracy against.
 Both sum losses so micro-batches and splits of any size combine exactly.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -82,7 +84,7 @@ class Classification:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
         if not examples:
-            return {"loss": math.nan, "accuracy": math.nan}
+            return {"loss": math.nan, "accuracy": math.nan, "majority": math.nan}
         total, correct = 0.0, 0
         was_training = model.training
         model.eval()
@@ -92,7 +94,8 @@ class Classification:
             total += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
         model.train(was_training)
-        return {"loss": total / len(examples), "accuracy": correct / len(examples)}
+        majority = Counter(int(e.label) for e in examples).most_common(1)[0][1]
+        return {"loss": total / len(examples), "accuracy": correct / len(examples), "majority": majority / len(examples)}
 
 
 def _batches(task: Task, examples: Sequence[Any], batch_size: int, pad_id: int):
