@@ -74,3 +74,16 @@ def load_state(method: Method, state: dict[str, Any]) -> None:
     reset = getattr(method, "after_load", None)
     if reset:
         reset()
+
+
+def state_dict(method: Method) -> tuple[Tensors, dict[str, Any]]:
+    """The method's state on its own: ``(tensors, JSON)``, ready for safetensors and json."""
+    tensors: Tensors = {}
+    return tensors, {"method": method.name, "state": pack(state_of(method), tensors)}
+
+
+def load_state_dict(method: Method, tensors: Tensors, meta: dict[str, Any]) -> None:
+    """The inverse of ``state_dict`` into a method built for the same setup."""
+    if meta.get("method") != method.name:
+        raise ValueError(f"state of method {meta.get('method')!r} cannot load into {method.name!r}")
+    load_state(method, unpack(meta["state"], tensors))
