@@ -79,7 +79,7 @@ def export_run(run_dir: str | Path, out: str | Path, rank: int | None = None, me
         rank = written if rank is None else rank
     result = Exported(
         str(run.path), str(out), cfg.federation.method, "merged" if merged else "adapter", rank, exact,
-        errors[worst] if worst else 0.0, overall_error(specs, rank) if rank is not None else 0.0, worst, str(base_dir),
+        errors[worst] if worst else 0.0, overall_error(specs, rank) if errors else 0.0, worst, str(base_dir),
     )
     (out / "fedlora_export.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
