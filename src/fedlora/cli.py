@@ -1,4 +1,4 @@
-"""`fedlora run | data | methods | deploy`: the command line."""
+"""`fedlora run | compare | data | methods | deploy | report | export | eval`: the command line."""
 
 from __future__ import annotations
 
