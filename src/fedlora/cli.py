@@ -100,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Several methods × seeds on the same partitions: table.md, table.csv and PNGs in one folder."""
     from fedlora.sim.compare import cli
 
-    log.info("comparison in %s", cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:]))
+    log.info("comparison in %s", cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only))
     return 0
 
 
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, … (default 3)")
     compare.add_argument("--one-rank", type=int, default=None, help="rank for methods that need one rank for all (default: the smallest client rank)")
     compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it are reused")
+    compare.add_argument("--tables-only", action="store_true", help="run nothing: table and plots from the finished runs in --output")
     compare.set_defaults(func=cmd_compare)
     deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")

@@ -89,6 +89,14 @@ def test_finished_runs_are_reused(compared: Path, config: Path) -> None:
     assert (compared / "runs" / "flora-seed0" / "summary.json").stat().st_mtime_ns == stamp
 
 
+def test_tables_only_runs_nothing(compared: Path, config: Path) -> None:
+    args = ["compare", str(config), "--methods", "flora,fedit,zeropad", "--seeds", "2", "--output", str(compared), "--tables-only", "eval.every=1"]
+    assert main(args) == 0
+    assert not (compared / "runs" / "zeropad-seed0").exists()
+    rows = {r["method"]: r for r in csv.DictReader((compared / "table.csv").open())}
+    assert set(rows) == {"flora", "fedit"} and rows["flora"]["seeds"] == "2"
+
+
 def test_bad_methods_fail_with_one_line(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["compare", str(config), "--methods", "flora,nope", "--seeds", "2", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

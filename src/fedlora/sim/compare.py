@@ -86,6 +86,11 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}-seed{seed}"
 
 
+def finished(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """The records of the plan's runs that finished under ``out`` (nothing is run)."""
+    return [_record(run_dir(out, m, s), m, s) for s in plan.seeds for m in plan.methods if (run_dir(out, m, s) / "summary.json").is_file()]
+
+
 def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str, Any]]:
     """Run every (method, seed) not yet finished under ``out``; return one record per run."""
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +190,10 @@ def logging_hooks() -> Hooks:
     return Hooks(round_end=round_end)
 
 
-def cli(config: str | None, methods: str, seeds: int, overrides: list[str], output: str | None, one_rank: int | None, argv: list[str]) -> Path:
+def cli(
+    config: str | None, methods: str, seeds: int, overrides: list[str], output: str | None, one_rank: int | None, argv: list[str],
+    tables_only: bool = False,
+) -> Path:
     """`fedlora compare`: validate, run what is missing, write table.md, table.csv and the PNGs; returns the folder."""
     from datetime import datetime
 
@@ -193,7 +201,9 @@ def cli(config: str | None, methods: str, seeds: int, overrides: list[str], outp
 
     plan = make_plan(config or str(packaged_config("default")), methods, seeds, overrides, one_rank)
     out = Path(output) if output else Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-compare"
-    records = compare(plan, out, logging_hooks())
+    if tables_only and not (out / "runs").is_dir():
+        raise ConfigError(f"--tables-only: no finished runs in {out} (accepted: the --output folder of an earlier compare)")
+    records = finished(plan, out) if tables_only else compare(plan, out, logging_hooks())
     caption = f"`fedlora {' '.join(argv)}` · seeds {plan.seeds} · {machine_line()}"
     for path in write_outputs(records, out, caption):
         log.info("wrote %s", path)
