@@ -59,16 +59,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     load = benchlib.uptime()
     counts = [int(x) for x in (args.clients or ("10,100" if args.quick else "10,100,1000")).split(",")]
-    rows = []
-    for n in counts:
+    rows: list[dict] = []
+    results: dict = {}
+    for n in counts:  # the JSON is rewritten after every count, so a stopped run keeps what it measured
         rows.append(measure(n, args.config, args.threads))
         print(f"{n:5d} clients: peak RSS {rows[-1]['peak_rss_mib']:8.1f} MiB  ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    base, top = rows[0], rows[-1]
-    ratio = top["peak_rss_mib"] / base["peak_rss_mib"]
-    results = {"config": args.config, "overrides_for_n_clients": overrides(counts[-1], Path("<tmp>"))[2:], "rows": rows,
-               "ratio_largest_to_smallest": ratio}
-    metric = f"peak RSS {top['clients']} clients / {base['clients']} clients"
-    benchlib.write("memory_clients", args.quick, load, [benchlib.target(metric, "<=", 1.3, ratio)], results, args.out)
+        base, top = rows[0], rows[-1]
+        ratio = top["peak_rss_mib"] / base["peak_rss_mib"]
+        results = {"config": args.config, "overrides_for_n_clients": overrides(n, Path("<tmp>"))[2:], "counts_planned": counts, "rows": rows,
+                   "ratio_largest_to_smallest": ratio}
+        metric = f"peak RSS {top['clients']} clients / {base['clients']} clients"
+        benchlib.write("memory_clients", args.quick, load, [benchlib.target(metric, "<=", 1.3, ratio)], results, args.out)
     return results
 
 

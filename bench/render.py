@@ -52,11 +52,11 @@ def memory_clients(doc: dict) -> list[str]:
 
 
 def communication(doc: dict) -> list[str]:
-    out = ["| method | ranks | MB up / round | MB down / round | ratio to full | paper | wall s (round 2, 1 step) |", "|---|---|---|---|---|---|---|"]
+    out = ["| method | ranks | MB up / round | MB down / round | up + down vs full | FLoRA paper |", "|---|---|---|---|---|---|"]
     for m, x in doc["results"]["methods"].items():
         ranks = f"all {x['one_rank']}" if x["one_rank"] else ",".join(map(str, x["ranks"] or []))
         ratio = "—" if x["ratio_to_full"] is None else f"{x['ratio_to_full']:.3f}"
-        out.append(f"| `{m}` | {ranks} | {x['mb_up']:.2f} | {x['mb_down']:.2f} | {ratio} | {x['paper_ratio'] or '—'} | {x['wall_s_round2_one_step']:.1f} |")
+        out.append(f"| `{m}` | {ranks} | {x['mb_up']:.2f} | {x['mb_down']:.2f} | {ratio} | {x['paper_ratio'] or '—'} |")
     return out
 
 
