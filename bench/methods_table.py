@@ -100,7 +100,8 @@ def main() -> None:
             f"{fmt(r['mb_down'], 1)} | {fmt(r['agg_noise'], 3)} | {fmt(r['init_noise'], 3)} | {fmt(r['round_s'], 0)} | {fmt(r['wall_s'], 0)} |"
         )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    footer = f"\nCommand: `python bench/methods_table.py {args.config} --out {args.out} {' '.join(args.overrides)}`; machine: {machine}.\n"
+    options = f" --homogeneous-rank {args.homogeneous_rank}" if args.homogeneous_rank else ""
+    footer = f"\nCommand: `python bench/methods_table.py {args.config} --out {args.out}{options} {' '.join(args.overrides)}`; machine: {machine}.\n"
     (args.out / "table.md").write_text("\n".join(lines) + "\n" + footer)
     (args.out / "table.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2))
     print("\n".join(lines) + footer)
