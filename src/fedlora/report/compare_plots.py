@@ -36,6 +36,7 @@ def plot_compare(runs_by_method: Mapping[str, Sequence[Run]], path: Path, metric
     """Two panels (by round, by cumulative MB); None when no run holds the metric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4.2), dpi=110)
     FigureCanvasAgg(fig)
@@ -56,6 +57,7 @@ def plot_compare(runs_by_method: Mapping[str, Sequence[Run]], path: Path, metric
     by_round.set(xlabel="round", ylabel=f"global test {metric}", title=f"{metric} per round (mean ± std over seeds)")
     by_mb.set(xlabel="MB sent, up + down, cumulative", ylabel=f"global test {metric}", title=f"{metric} against communication")
     by_mb.set_xscale("symlog")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

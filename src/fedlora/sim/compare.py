@@ -162,7 +162,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, caption: str = "") -
     for r in records:
         by_method.setdefault(r["method"], []).append(r["metrics"])
     for metric in ("loss", "accuracy"):
-        if png := plot_compare(by_method, out / f"{metric}.png", metric, title=caption.splitlines()[0] if caption else ""):
+        if png := plot_compare(by_method, out / f"{metric}.png", metric, title=out.name):
             paths.append(png)
     return paths
 
