@@ -19,9 +19,9 @@ case "${1:-}" in
   c) $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 1 --output runs/study/cls-hetero-others
      $F compare "${CLS[@]}" lora.rank=8 --methods flora,fedit --seeds 1 --output runs/study/cls-rank8 ;;
   tables)
-     $F compare "${CLS[@]}" --methods flora,fedplora,fedit,zeropad --seeds 3 --output runs/study/cls-hetero
-     $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 1 --output runs/study/cls-hetero-others
-     $F compare "${CLS[@]}" lora.rank=8 --methods flora,fedit --seeds 1 --output runs/study/cls-rank8
-     $F compare "${LM[@]}" --methods flora,fedplora,fedit,zeropad --seeds 1 --output runs/study/lm-hetero ;;
-  *) echo "usage: bash bench/study.sh a|b|c|tables" >&2; exit 2 ;;
+     $F compare "${CLS[@]}" --methods flora,fedplora,fedit,zeropad --seeds 3 --output runs/study/cls-hetero --tables-only
+     $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 1 --output runs/study/cls-hetero-others --tables-only
+     $F compare "${CLS[@]}" lora.rank=8 --methods flora,fedit --seeds 1 --output runs/study/cls-rank8 --tables-only
+     $F compare "${LM[@]}" --methods flora,fedplora,fedit,zeropad --seeds 1 --output runs/study/lm-hetero --tables-only ;;
+  *) echo "usage: bash bench/study.sh a|b|c|d|tables" >&2; exit 2 ;;
 esac
