@@ -16,11 +16,11 @@ case "${1:-}" in
   b) $F compare "${CLS[@]}" --methods fedit,zeropad --seeds 3 --output runs/study/cls-hetero
      $F compare "${LM[@]}" --methods fedit,zeropad --seeds 1 --output runs/study/lm-hetero ;;
   d) $F compare "${LM[@]}" --methods flora,zeropad,fedplora,fedit --seeds 1 --output runs/study/lm-hetero ;;
-  c) $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 1 --output runs/study/cls-hetero-others
+  c) $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 3 --output runs/study/cls-hetero-others
      $F compare "${CLS[@]}" lora.rank=8 --methods flora,fedit --seeds 1 --output runs/study/cls-rank8 ;;
   tables)
      $F compare "${CLS[@]}" --methods flora,fedplora,fedit,zeropad --seeds 3 --output runs/study/cls-hetero --tables-only
-     $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 1 --output runs/study/cls-hetero-others --tables-only
+     $F compare "${CLS[@]}" --methods hetlora,flexlora,ffa,full,centralized,local --seeds 3 --output runs/study/cls-hetero-others --tables-only
      $F compare "${CLS[@]}" lora.rank=8 --methods flora,fedit --seeds 1 --output runs/study/cls-rank8 --tables-only
      $F compare "${LM[@]}" --methods flora,fedplora,fedit,zeropad --seeds 1 --output runs/study/lm-hetero --tables-only ;;
   *) echo "usage: bash bench/study.sh a|b|c|d|tables" >&2; exit 2 ;;
