@@ -25,7 +25,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Regularizer, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank, frob_norm, kaiming_A, pad, seeded_generator, truncate, weighted_mean
+from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, pad, seeded_generator, truncate, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,15 @@ class HetLoRA:
         return {n: [LowRank(g.B, g.A)] for n, g in self.glob.items()}
 
     def _weights(self, updates: list[ClientUpdate], weights: list[float]) -> list[float]:
-        """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense); p_k if every norm is 0."""
+        """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense); p_k if every norm is 0.
+
+        One client's single term cannot cancel, so the r × r Gram form is exact enough here and
+        avoids frob_norm's two QRs per layer (the aggregation benchmark's hot spot).
+        """
         if not self.by_norm:
             return list(weights)
         norms = [
-            math.sqrt(sum(frob_norm([LowRank(f.B.double() * u.scale, f.A.double())]) ** 2 for f in u.factors.values()))
+            math.sqrt(sum(frob_norm_gram([LowRank(f.B.double() * u.scale, f.A.double())]) ** 2 for f in u.factors.values()))
             for u in updates
         ]
         total = sum(norms)
