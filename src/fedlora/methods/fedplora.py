@@ -121,15 +121,17 @@ class FedPLoRA:
             count[K] += 1.0
         trained = count > 0
         coefs = [torch.where(den[K] > 0, float(w) / den[K].clamp_min(1e-300), 1.0 / count[K]) for K, w in zip(chosen, weights)]
+        untrained = (~trained).nonzero().flatten()
         for name, f in self.factors.items():
             B, A = torch.zeros_like(f.B), torch.zeros_like(f.A)
             for u, K, c in zip(updates, chosen, coefs):
                 c = c.to(f.B.dtype)
-                B[:, K] += u.factors[name].B.to(f.B.dtype) * c  # (d_out × r_k)
-                A[K] += c[:, None] * u.factors[name].A.to(f.A.dtype)  # (r_k × d_in)
-            B_new, A_new = f.B.clone(), f.A.clone()
-            B_new[:, trained], A_new[trained] = B[:, trained], A[trained]
-            self.factors[name] = Factors(B=B_new, A=A_new)
+                B.index_add_(1, K, u.factors[name].B * c)  # Σ_k w_kj b_j^k into columns K: (d_out × r_k)
+                A.index_add_(0, K, u.factors[name].A * c[:, None])  # rows K: (r_k × d_in)
+            if untrained.numel():  # modules nobody trained keep their values
+                B.index_copy_(1, untrained, f.B.index_select(1, untrained))
+                A.index_copy_(0, untrained, f.A.index_select(0, untrained))
+            self.factors[name] = Factors(B=B, A=A)
 
     def _indices_of(self, update: ClientUpdate) -> torch.Tensor:
         K = update.meta.get("indices")

@@ -25,7 +25,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Regularizer, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, pad, seeded_generator, truncate, weighted_mean
+from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, padded_sum, seeded_generator, truncate
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,9 @@ class HetLoRA:
         dt = self.setup.dtype
         new: dict[str, LowRank] = {}
         for n, R in self.R.items():
-            padded = [pad(u.factors[n].B.to(dt) * u.scale, u.factors[n].A.to(dt), R) for u in updates]  # (d_out×R), (R×d_in)
-            new[n] = LowRank(weighted_mean([b for b, _ in padded], w), weighted_mean([a for _, a in padded], w))
+            fs = [u.factors[n] for u in updates]
+            B = padded_sum([f.B for f in fs], [wk * u.scale for wk, u in zip(w, updates)], R, 1, dt)  # Σ w_k pad(s_k B_k): (d_out × R)
+            new[n] = LowRank(B, padded_sum([f.A for f in fs], w, R, 0, dt))  # Σ w_k pad(A_k): (R × d_in)
         self.glob, self.last_weights = new, w
 
     def global_delta(self) -> Delta:
@@ -156,15 +157,12 @@ class HetLoRA:
     def _weights(self, updates: list[ClientUpdate], weights: list[float]) -> list[float]:
         """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense); p_k if every norm is 0.
 
-        One client's single term cannot cancel, so the r × r Gram form is exact enough here and
-        avoids frob_norm's two QRs per layer (the aggregation benchmark's hot spot).
+        One client's single term cannot cancel, so the r × r Gram form, in the factors' own dtype,
+        is exact enough here: no QR, no copy of the 4096 × r factors (the benchmark's hot spots).
         """
         if not self.by_norm:
             return list(weights)
-        norms = [
-            math.sqrt(sum(frob_norm_gram([LowRank(f.B.double() * u.scale, f.A.double())]) ** 2 for f in u.factors.values()))
-            for u in updates
-        ]
+        norms = [abs(u.scale) * math.sqrt(sum(frob_norm_gram([LowRank(f.B, f.A)]) ** 2 for f in u.factors.values())) for u in updates]
         total = sum(norms)
         return [x / total for x in norms] if total > 0 else list(weights)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank, pad, weighted_mean
+from fedlora.ops.lowrank import LowRank, padded_sum
 
 
 class ZeroPad:
@@ -50,9 +50,10 @@ class ZeroPad:
         merged: Delta = {}
         for name in self.setup.layers:
             R = self.max_rank[name]
-            padded = [pad(u.factors[name].B * u.scale, u.factors[name].A, R) for u in updates]  # (d_out×R), (R×d_in)
-            B_bar = weighted_mean([B for B, _ in padded], weights)  # Σ p_k pad(s_k B_k): (d_out × R)
-            A_bar = weighted_mean([A for _, A in padded], weights)  # Σ p_k pad(A_k): (R × d_in)
+            fs = [u.factors[name] for u in updates]
+            dt = fs[0].B.dtype
+            B_bar = padded_sum([f.B for f in fs], [p * u.scale for p, u in zip(weights, updates)], R, 1, dt)  # Σ p_k pad(s_k B_k): (d_out × R)
+            A_bar = padded_sum([f.A for f in fs], weights, R, 0, dt)  # Σ p_k pad(A_k): (R × d_in)
             merged[name] = [LowRank(B_bar, A_bar)]
         self.base.merge(merged, [u.client for u in updates])
 

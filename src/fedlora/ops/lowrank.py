@@ -62,11 +62,27 @@ def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_k T_k for same-shaped tensors."""
+    """Σ w_k T_k for same-shaped tensors, in the first one's dtype; one output, summed in place."""
     assert len(tensors) == len(weights) and tensors, "one weight per tensor"
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights):
-        out = out + float(w) * t
+    out = tensors[0] * float(weights[0])
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t, alpha=float(w))
+    return out
+
+
+def padded_sum(mats: Sequence[torch.Tensor], weights: Sequence[float], rank: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Σ w_k pad(M_k): each M_k's r_k slices along ``dim`` added in place into a rank-``rank`` output.
+
+    ``dim`` 1 for B factors (columns), 0 for A factors (rows); the same numbers as padding every
+    M_k with zeros to ``rank`` first and averaging, without the K padded copies.
+    """
+    assert len(mats) == len(weights) and mats, "one weight per factor"
+    shape = list(mats[0].shape)
+    shape[dim] = rank
+    out = torch.zeros(shape, dtype=dtype, device=mats[0].device)
+    for m, w in zip(mats, weights):
+        assert m.shape[dim] <= rank, f"cannot pad rank {m.shape[dim]} down to {rank}"
+        out.narrow(dim, 0, m.shape[dim]).add_(m, alpha=float(w))
     return out
 
 
@@ -92,8 +108,8 @@ def frob_norm_gram(terms: Sequence[LowRank]) -> float:
     """The Gram form Σ_{i,j} tr((B_iᵀ B_j)(A_j A_iᵀ)), square-rooted; a cross-check for frob_norm."""
     if not terms:
         return 0.0
-    s = stack(terms)
-    return float(((s.B.T @ s.B) * (s.A @ s.A.T).T).sum().clamp_min(0.0).sqrt())
+    s = terms[0] if len(terms) == 1 else stack(terms)  # one term: no copy
+    return float(((s.B.T @ s.B) * (s.A @ s.A.T).T).double().sum().clamp_min(0.0).sqrt())
 
 
 def fold_terms(terms: Sequence[LowRank], like: torch.Tensor) -> torch.Tensor:
