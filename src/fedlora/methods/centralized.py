@@ -40,8 +40,9 @@ class Centralized:
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        """The one pooled model's upload becomes the model; the server owns it once it arrives (no copy)."""
         (update,) = updates
-        self.factors = {n: Factors(f.B.clone(), f.A.clone()) for n, f in update.factors.items()}
+        self.factors = dict(update.factors)
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}
