@@ -33,7 +33,8 @@ def test_stack_equals_weighted_sum_of_scaled_products(gen):
     updates, weights = _round(m, gen)
     for name, (d_out, d_in) in LAYERS.items():
         (merged,) = m.global_delta()[name]
-        assert merged.B.shape == (d_out, 7) and merged.A.shape == (7, d_in)
+        r = min(7, d_out, d_in)  # Σr_k = 7 on l0.q (12 × 10); l0.v (6 × 10) is kept at its own rank 6
+        assert merged.B.shape == (d_out, r) and merged.A.shape == (r, d_in)
         ideal = sum(p * u.scale * u.factors[name].B @ u.factors[name].A for u, p in zip(updates, weights))
         assert rel_err(merged.dense(), ideal) < 1e-12
 
@@ -121,3 +122,17 @@ def test_scaling_multiplies_the_merge_and_shows_in_agg_noise(gen):
     starts = [{} for _ in updates]
     assert agg_noise({}, m1.global_delta(), starts, updates, w) < 1e-12
     assert abs(agg_noise({}, m2.global_delta(), starts, updates, w) - 0.5) < 1e-12
+
+
+def test_a_stack_wider_than_the_layer_is_kept_at_the_layer_rank(gen):
+    """Σr_k = 12 on a 5 × 7 layer: the merge keeps rank 5 and the same product (float64 round-off)."""
+    layers = {"w": (5, 7)}
+    ranks = {k: 3 for k in range(4)}
+    m = build_method("flora", Setup(layers, ranks, {k: 2.0 for k in ranks}, dtype=torch.float64))
+    ups = [random_update(k, layers, 3, 2.0, 10 * (k + 1), gen) for k in ranks]
+    p = data_weights([u.num_examples for u in ups])
+    m.aggregate(ups, p, 1)
+    (merged,) = m.global_delta()["w"]
+    ideal = sum(pk * u.scale * u.factors["w"].B @ u.factors["w"].A for u, pk in zip(ups, p))
+    assert merged.rank == 5
+    assert rel_err(merged.dense(), ideal) < 1e-13

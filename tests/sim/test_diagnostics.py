@@ -1,5 +1,6 @@
 """agg_noise / init_noise agree with their definitions (methods.md §2) and with theory."""
 
+import pytest
 import torch
 
 from fedlora.methods import Setup, build_method
@@ -34,15 +35,19 @@ def test_flora_is_exact_under_partial_participation(gen):
         assert all(x is not None and x < 1e-12 for x in inits)
 
 
-def test_fedit_agg_noise_matches_the_dense_definition(gen):
+WIDE = {"a": (60, 50), "b": (40, 50)}  # Σr of a round stays below min(d_out, d_in): the low-rank path
+
+
+@pytest.mark.parametrize("layers", [LAYERS, WIDE], ids=["dense-path", "low-rank-path"])
+def test_fedit_agg_noise_matches_the_dense_definition(gen, layers):
     ranks, scales = {k: 3 for k in range(3)}, {k: 2.0 for k in range(3)}
-    m = build_method("fedit", Setup(LAYERS, ranks, scales, dtype=torch.float64))
+    m = build_method("fedit", Setup(layers, ranks, scales, dtype=torch.float64))
     states = {k: ClientState() for k in ranks}
     for rnd in (1, 2):
-        before, after, starts, updates, w, inits = _run_round(m, states, (0, 1, 2), ranks, scales, gen, rnd)
+        before, after, starts, updates, w, inits = run_round(m, states, (0, 1, 2), ranks, scales, gen, rnd, layers)
         got = agg_noise(before, after, starts, updates, w)
         assert got > 1e-3
-        assert abs(got - _dense_agg_noise(before, after, starts, updates, w)) < 1e-10 * got
+        assert abs(got - dense_agg_noise(before, after, starts, updates, w, layers)) < 1e-10 * got
         assert all(x is not None and x < 1e-12 for x in inits) or rnd == 1  # starts from the global factors
 
 

@@ -6,6 +6,8 @@ is merged into every client's frozen base, and each round starts fresh adapters 
 
 The server keeps the per-round stacks: a client that skipped rounds receives every stack it
 missed, in order, before it trains (partial participation), and that counts in its downlink.
+A stack wider than its layer (Σr_k > min(d_out, d_in), many clients on a small model) is kept
+as the same matrix at rank min(d_out, d_in), by a float64 thin SVD (``within_layer_rank``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options
 from fedlora.methods.merged_base import MergedBase
-from fedlora.ops.lowrank import LowRank, stack
+from fedlora.ops.lowrank import LowRank, stack, within_layer_rank
 
 
 class FLoRA:
@@ -46,7 +48,7 @@ class FLoRA:
                 LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p * self.scaling))  # (d_out×r_k), (r_k×d_in)
                 for u, p in zip(updates, weights)
             ]
-            merged[name] = [stack(terms)]  # (d_out × Σr_k) @ (Σr_k × d_in)
+            merged[name] = [within_layer_rank(stack(terms))]  # (d_out × Σr_k) @ (Σr_k × d_in); rank ≤ min(d_out, d_in)
         self.base.merge(merged, [u.client for u in updates])
 
     def global_delta(self) -> Delta:

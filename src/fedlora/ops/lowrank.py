@@ -154,3 +154,16 @@ def compress(terms: Sequence[LowRank], rtol: float = 0.0) -> LowRank:
     u, sv, vh = lowrank_svd(terms)
     keep = int((sv > rtol * sv.max()).sum()) if sv.numel() and rtol > 0 else sv.numel()
     return LowRank(u[:, :keep] * sv[:keep], vh[:keep])
+
+
+def within_layer_rank(t: LowRank) -> LowRank:
+    """The same product at rank ≤ min(d_out, d_in).
+
+    A stack of many clients' factors can be wider than the layer itself (1000 clients on a
+    384-wide encoder: Σr = 7200); past that width a thin SVD, taken in float64 and returned in
+    the input's dtype, holds the same matrix in less memory and fewer bytes on the wire.
+    """
+    if t.rank <= min(t.B.shape[0], t.A.shape[1]):
+        return t
+    return compress([t.to(torch.float64)]).to(t.B.dtype)
+

@@ -3,8 +3,9 @@
 agg_noise  = ‖G_{t+1} − (G_t + Δ*_t)‖_F / ‖Δ*_t‖_F, Δ*_t = Σ p_k (M_k − G_t)
 init_noise = ‖(client k's adapted weight at step 0) − G_t‖_F / ‖G_t − W_0‖_F
 (methods.md §2). Everything is a sum of low-rank terms relative to W_0, evaluated in float64
-without densifying; a term shared by several sums (FLoRA's merged stacks) is recognised by
-identity so exact cancellation gives exactly zero.
+one layer at a time (densely only where that is the smaller form); a term shared by several
+sums (FLoRA's merged stacks) is recognised by identity so exact cancellation gives exactly zero.
+Scales ride in the coefficients, so no client's factors are copied.
 """
 
 from __future__ import annotations
@@ -20,24 +21,38 @@ from fedlora.ops.lowrank import LowRank, frob_norm
 Weighted = list[tuple[float, LowRank]]
 
 
-def _combine(weighted: Weighted) -> list[LowRank]:
-    """Sum coefficients of identical terms, drop those that cancel, cast to float64."""
+def _combine(weighted: Weighted) -> list[tuple[float, LowRank]]:
+    """Sum the coefficients of identical terms and drop those that cancel (no copies)."""
     coef: dict[tuple[int, int], float] = {}
     term: dict[tuple[int, int], LowRank] = {}
     for c, t in weighted:
         key = (id(t.B), id(t.A))
         coef[key] = coef.get(key, 0.0) + c
         term[key] = t
-    return [
-        LowRank(term[k].B.to(torch.float64) * c, term[k].A.to(torch.float64))
-        for k, c in coef.items()
-        if abs(c) > 1e-12
-    ]
+    return [(c, term[k]) for k, c in coef.items() if abs(c) > 1e-12]
+
+
+def _layer_norm(weighted: Weighted) -> float:
+    """‖Σ c_i B_i A_i‖_F in float64: low-rank while Σr is below min(d_out, d_in), else a dense sum.
+
+    Above that rank (a round of many clients on a small layer) the dense d_out × d_in sum is the
+    smaller object; it is accumulated one term at a time, so no stacked copy of every term exists.
+    """
+    terms = _combine(weighted)
+    if not terms:
+        return 0.0
+    d_out, d_in = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
+    if sum(t.rank for _, t in terms) < min(d_out, d_in):
+        return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in terms])
+    dense = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for c, t in terms:
+        dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+    return float(torch.linalg.matrix_norm(dense))
 
 
 def _norm(per_layer: dict[str, Weighted]) -> float:
     """‖·‖_F over all adapted layers together."""
-    return math.sqrt(sum(frob_norm(_combine(w)) ** 2 for w in per_layer.values()))
+    return math.sqrt(sum(_layer_norm(w) ** 2 for w in per_layer.values()))
 
 
 def _add(out: dict[str, Weighted], delta: Delta, c: float) -> None:
@@ -46,13 +61,13 @@ def _add(out: dict[str, Weighted], delta: Delta, c: float) -> None:
 
 
 def _trained(update: ClientUpdate) -> Delta:
-    """s_k B_k A_k per layer."""
-    return {n: [LowRank(f.B * update.scale, f.A)] for n, f in update.factors.items()}
+    """B_k A_k per layer, the same tensors; the caller's coefficient carries s_k."""
+    return {n: [LowRank(f.B, f.A)] for n, f in update.factors.items()}
 
 
 def _initial(plan: ClientPlan) -> Delta:
-    """s_k B_init A_init per layer (nothing for a fresh adapter, whose B is 0)."""
-    return {n: [LowRank(f.B * plan.scale, f.A)] for n, f in (plan.init or {}).items()}
+    """B_init A_init per layer (nothing for a fresh adapter, whose B is 0); coefficient s_k."""
+    return {n: [LowRank(f.B, f.A)] for n, f in (plan.init or {}).items()}
 
 
 def ratio(num: float, den: float) -> float | None:
@@ -69,9 +84,10 @@ def agg_noise(before: Delta, after: Delta, starts: Sequence[Delta], updates: Seq
     _add(err, after, 1.0)
     _add(ideal, before, -sum(weights))
     for start, u, p in zip(starts, updates, weights):
+        trained = _trained(u)
         for target, sign in ((err, -1.0), (ideal, 1.0)):
             _add(target, start, sign * p)
-            _add(target, _trained(u), sign * p)
+            _add(target, trained, sign * p * u.scale)
     _add(err, before, sum(weights) - 1.0)  # zero when the weights sum to one
     return ratio(_norm(err), _norm(ideal))
 
@@ -80,7 +96,7 @@ def init_noise(before: Delta, start: Delta, plan: ClientPlan) -> float | None:
     """Relative distance of client k's model at step 0 from the global model G_t."""
     diff: dict[str, Weighted] = {}
     _add(diff, start, 1.0)
-    _add(diff, _initial(plan), 1.0)
+    _add(diff, _initial(plan), float(plan.scale))
     _add(diff, before, -1.0)
     ref: dict[str, Weighted] = {}
     _add(ref, before, 1.0)
