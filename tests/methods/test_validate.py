@@ -106,7 +106,7 @@ def test_every_malformed_update_is_rejected_and_the_state_never_changes(name, da
     state = ClientState()
     state.catch_up(plan)
     with pytest.raises(RoundFailed):
-        finish_round(method, bounds, 1, name, [client], 1, method.global_delta(), [Arrival(plan, plan, bad, start_delta(state, plan))], lambda u, w: None)
+        finish_round(method, bounds, 1, name, [client], 1, method.global_delta(), [Arrival(plan, plan, bad, start_delta(state, plan))], lambda *_: None)
     after_tensors: dict[str, torch.Tensor] = {}
     after = pack(state_of(method), after_tensors)
     assert after == before[0] and all(after_tensors[k].equal(v) for k, v in before[1].items())

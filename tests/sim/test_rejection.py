@@ -37,7 +37,7 @@ def _arrivals(method, gen, rnd=1):
 def _finish(method, arrivals, min_clients=1, heads=None):
     calls = heads if heads is not None else []
     return finish_round(method, bounds_of(method, 1e4), 1, method.name, list(RANKS), min_clients, method.global_delta(), arrivals,
-                        lambda u, w: calls.append(len(u)))
+                        lambda clients, heads, w: calls.append(len(clients)))
 
 
 def _snapshot(method) -> dict[str, torch.Tensor]:

@@ -8,14 +8,15 @@ rank and one scale for every client.
 from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator, weighted_mean
+from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 from fedlora.methods.errors import MethodError
+from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import read_options
 
 import torch
 
 
-class FedIT:
+class FedIT(Folds):
     name = "fedit"
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
@@ -46,14 +47,20 @@ class FedIT:
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
-        self.factors = {
-            name: Factors(
-                B=weighted_mean([u.factors[name].B for u in updates], weights),
-                A=weighted_mean([u.factors[name].A for u in updates], weights),
-            )
-            for name in self.factors
-        }
+    def begin(self, round: int) -> Sum:
+        return Sum(round)
+
+    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
+        """Add w_k B_k and w_k A_k into the running sums, in place."""
+        acc.add(u.client, float(weight))
+        for name in self.factors:
+            add_weighted(acc.layers, name + ".B", u.factors[name].B, weight)
+            add_weighted(acc.layers, name + ".A", u.factors[name].A, weight)
+
+    def commit(self, acc: Sum) -> None:
+        """B̄ = Σ w_k B_k / Σ w_k, Ā = Σ w_k A_k / Σ w_k."""
+        norm = acc.norm()
+        self.factors = {name: Factors(B=acc.layers[name + ".B"].mul_(norm), A=acc.layers[name + ".A"].mul_(norm)) for name in self.factors}
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options
+from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, stack, within_layer_rank
 
 
-class FLoRA:
+class FLoRA(Folds):
     name = "flora"
     summary = "Stack the clients' factors so the merge equals Σ p_k s_k B_k A_k exactly; fresh adapters each round."
 
@@ -39,17 +40,27 @@ class FLoRA:
     def plan(self, client: int, round: int) -> ClientPlan:
         return self.base.fresh_plan(self.setup, client, round)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
-        if self.uniform:
-            weights = [1.0 / len(updates)] * len(updates)
+    def begin(self, round: int) -> Sum:
+        return Sum(round, {name: [] for name in self.setup.layers})
+
+    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
+        """Append (B_k, s_k w_k c A_k) to each layer's stack; a stack past twice its layer's rank is compressed."""
+        w = 1.0 if self.uniform else float(weight)
+        acc.add(u.client, w)
+        for name, (d_out, d_in) in self.setup.layers.items():
+            f, pending = u.factors[name], acc.layers[name]
+            pending.append(LowRank(f.B, f.A * (u.scale * w * self.scaling)))  # (d_out×r_k), (r_k×d_in)
+            if sum(t.rank for t in pending) > 2 * min(d_out, d_in):
+                acc.layers[name] = [within_layer_rank(stack(pending))]
+
+    def commit(self, acc: Sum) -> None:
+        """Merge Σ_k w_k s_k c B_k A_k / Σ_k w_k, one stack (d_out × Σr_k)(Σr_k × d_in) per layer."""
+        norm = acc.norm()
         merged: Delta = {}
-        for name in self.setup.layers:
-            terms = [
-                LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p * self.scaling))  # (d_out×r_k), (r_k×d_in)
-                for u, p in zip(updates, weights)
-            ]
-            merged[name] = [within_layer_rank(stack(terms))]  # (d_out × Σr_k) @ (Σr_k × d_in); rank ≤ min(d_out, d_in)
-        self.base.merge(merged, [u.client for u in updates])
+        for name, pending in acc.layers.items():
+            t = within_layer_rank(stack(pending))
+            merged[name] = [t if norm == 1.0 else LowRank(t.B, t.A * norm)]
+        self.base.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:
         return self.base.delta()

@@ -17,13 +17,14 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import read_options
-from fedlora.ops.lowrank import LowRank, weighted_mean
+from fedlora.ops.lowrank import LowRank
 
 B_KEY = "W_delta:"  # + layer name: the global B̄ = W_g − W_0 (d_out × d_in)
 
 
-class FullFedAvg:
+class FullFedAvg(Folds):
     name = "full"
     summary = "Reference: FedAvg of the adapted layers' full weights (d_out·d_in per layer each way); exact."
     options: dict = {}
@@ -50,8 +51,19 @@ class FullFedAvg:
         }
         return dataclasses.replace(plan, init=init, meta={})
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
-        self.B = {name: weighted_mean([u.factors[name].B for u in updates], weights).to(self.setup.dtype) for name in self.setup.layers}
+    def begin(self, round: int) -> Sum:
+        return Sum(round)
+
+    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
+        """Add w_k B_k (the client's weight delta) into the running sum."""
+        acc.add(u.client, float(weight))
+        for name in self.setup.layers:
+            add_weighted(acc.layers, name, u.factors[name].B, weight, self.setup.dtype)  # (d_out × d_in)
+
+    def commit(self, acc: Sum) -> None:
+        """B̄ = Σ w_k B_k / Σ w_k: FedAvg of the weights."""
+        norm = acc.norm()
+        self.B = {name: acc.layers[name].mul_(norm) for name in self.setup.layers}
 
     def global_delta(self) -> Delta:
         return {name: [LowRank(B, torch.eye(B.shape[1], dtype=B.dtype))] for name, B in self.B.items()}

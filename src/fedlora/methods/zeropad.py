@@ -17,13 +17,16 @@ a client that skipped rounds receives every (d_out × R, R × d_in) merge it mis
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
+from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank, padded_sum
+from fedlora.ops.lowrank import LowRank
 
 
-class ZeroPad:
+class ZeroPad(Folds):
     name = "zeropad"
     summary = "Zero-pad every client's factors to the largest rank, average A and B separately, merge B̄Ā; fresh adapters each round."
 
@@ -44,18 +47,26 @@ class ZeroPad:
     def plan(self, client: int, round: int) -> ClientPlan:
         return self.base.fresh_plan(self.setup, client, round)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
-        if self.uniform:
-            weights = [1.0 / len(updates)] * len(updates)
-        merged: Delta = {}
-        for name in self.setup.layers:
-            R = self.max_rank[name]
-            fs = [u.factors[name] for u in updates]
-            dt = fs[0].B.dtype
-            B_bar = padded_sum([f.B for f in fs], [p * u.scale for p, u in zip(weights, updates)], R, 1, dt)  # Σ p_k pad(s_k B_k): (d_out × R)
-            A_bar = padded_sum([f.A for f in fs], weights, R, 0, dt)  # Σ p_k pad(A_k): (R × d_in)
-            merged[name] = [LowRank(B_bar, A_bar)]
-        self.base.merge(merged, [u.client for u in updates])
+    def begin(self, round: int) -> Sum:
+        return Sum(round)
+
+    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
+        """Add w_k pad(s_k B_k) and w_k pad(A_k) into the layer's rank-R sums, in place."""
+        w = 1.0 if self.uniform else float(weight)
+        acc.add(u.client, w)
+        for name, (d_out, d_in) in self.setup.layers.items():
+            f, R = u.factors[name], self.max_rank[name]
+            if name not in acc.layers:
+                acc.layers[name] = (torch.zeros(d_out, R, dtype=f.B.dtype), torch.zeros(R, d_in, dtype=f.A.dtype))
+            B_sum, A_sum = acc.layers[name]
+            B_sum[:, : f.rank].add_(f.B, alpha=w * u.scale)  # Σ w_k pad(s_k B_k): (d_out × R)
+            A_sum[: f.rank].add_(f.A, alpha=w)  # Σ w_k pad(A_k): (R × d_in)
+
+    def commit(self, acc: Sum) -> None:
+        """Merge B̄Ā with B̄ = Σ w_k pad(s_k B_k) / Σ w_k, Ā = Σ w_k pad(A_k) / Σ w_k."""
+        norm = acc.norm()
+        merged: Delta = {name: [LowRank(B.mul_(norm), A.mul_(norm))] for name, (B, A) in acc.layers.items()}
+        self.base.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:
         return self.base.delta()

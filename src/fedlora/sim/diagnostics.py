@@ -32,37 +32,37 @@ def _combine(weighted: Weighted) -> list[tuple[float, LowRank]]:
     return [(c, term[k]) for k, c in coef.items() if abs(c) > 1e-12]
 
 
-def _layer_norm(weighted: Weighted) -> float:
-    """‖Σ c_i B_i A_i‖_F in float64: low-rank while Σr is below min(d_out, d_in), else a dense sum.
+def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
+    """‖dense + Σ c_i B_i A_i‖_F in float64: low-rank while Σr is below min(d_out, d_in), else dense.
 
     Above that rank (a round of many clients on a small layer) the dense d_out × d_in sum is the
     smaller object; it is accumulated one term at a time, so no stacked copy of every term exists.
     """
     terms = _combine(weighted)
-    if not terms:
+    if not terms and dense is None:
         return 0.0
-    d_out, d_in = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
-    if sum(t.rank for _, t in terms) < min(d_out, d_in):
-        return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in terms])
-    dense = torch.zeros(d_out, d_in, dtype=torch.float64)
+    if dense is None:
+        d_out, d_in = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
+        if sum(t.rank for _, t in terms) < min(d_out, d_in):
+            return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in terms])
+        dense = torch.zeros(d_out, d_in, dtype=torch.float64)
+    else:
+        dense = dense.clone()
     for c, t in terms:
         dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
     return float(torch.linalg.matrix_norm(dense))
 
 
-def _norm(per_layer: dict[str, Weighted]) -> float:
+def _norm(per_layer: dict[str, Weighted], dense: dict[str, torch.Tensor] | None = None) -> float:
     """‖·‖_F over all adapted layers together."""
-    return math.sqrt(sum(_layer_norm(w) ** 2 for w in per_layer.values()))
+    dense = dense or {}
+    names = set(per_layer) | set(dense)
+    return math.sqrt(sum(_layer_norm(per_layer.get(n, []), dense.get(n)) ** 2 for n in names))
 
 
 def _add(out: dict[str, Weighted], delta: Delta, c: float) -> None:
     for name, terms in delta.items():
         out.setdefault(name, []).extend((c, t) for t in terms)
-
-
-def _trained(update: ClientUpdate) -> Delta:
-    """B_k A_k per layer, the same tensors; the caller's coefficient carries s_k."""
-    return {n: [LowRank(f.B, f.A)] for n, f in update.factors.items()}
 
 
 def _initial(plan: ClientPlan) -> Delta:
@@ -77,19 +77,64 @@ def ratio(num: float, den: float) -> float | None:
     return 0.0 if num == 0 else None
 
 
+class IdealSum:
+    """S = Σ_k w_k (M_k − W_0) per layer, folded in as replies arrive: the FedAvg ideal of agg_noise.
+
+    w_k are unnormalised (example counts); p_k = w_k / Σ w. Terms the clients share with each
+    other and with the global model (FLoRA's merged stacks) are kept by reference with summed
+    coefficients, so exact cancellation stays exact; each client's own s_k B_k A_k is kept by
+    reference until a layer's clients' ranks reach min(d_out, d_in), and from then on summed into
+    a dense float64 matrix, so the server need not hold every upload to measure the round.
+    """
+
+    def __init__(self) -> None:
+        self.shared: dict[str, dict[tuple[int, int], tuple[float, LowRank]]] = {}
+        self.fresh: dict[str, Weighted] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+
+    def add(self, start: Delta, update: ClientUpdate, weight: float) -> None:
+        self.total += weight
+        for name, terms in start.items():
+            layer = self.shared.setdefault(name, {})
+            for t in terms:
+                key = (id(t.B), id(t.A))
+                layer[key] = (layer.get(key, (0.0, t))[0] + weight, t)
+        for name, f in update.factors.items():
+            fresh = self.fresh.setdefault(name, [])
+            fresh.append((weight * update.scale, LowRank(f.B, f.A)))
+            if name in self.dense or sum(t.rank for _, t in fresh) >= min(f.B.shape[0], f.A.shape[1]):
+                dense = self.dense.setdefault(name, torch.zeros(f.B.shape[0], f.A.shape[1], dtype=torch.float64))
+                for c, t in fresh:
+                    dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+                fresh.clear()
+
+    def _scaled(self, out: dict[str, Weighted], c: float) -> dict[str, torch.Tensor]:
+        """Add c·S's low-rank part to ``out``; return c·S's dense part."""
+        for name, layer in self.shared.items():
+            out.setdefault(name, []).extend((c * w, t) for w, t in layer.values())
+        for name, fresh in self.fresh.items():
+            out.setdefault(name, []).extend((c * w, t) for w, t in fresh)
+        return {name: d * c for name, d in self.dense.items()}
+
+    def agg_noise(self, before: Delta, after: Delta) -> float | None:
+        """‖G_{t+1} − (G_t + Δ*)‖_F / ‖Δ*‖_F with Δ* = S/Σw − (G_t − W_0)."""
+        inv = 1.0 / self.total if self.total > 0 else 0.0
+        err: dict[str, Weighted] = {}
+        _add(err, after, 1.0)
+        err_dense = self._scaled(err, -inv)
+        ideal: dict[str, Weighted] = {}
+        _add(ideal, before, -1.0)
+        ideal_dense = self._scaled(ideal, inv)
+        return ratio(_norm(err, err_dense), _norm(ideal, ideal_dense))
+
+
 def agg_noise(before: Delta, after: Delta, starts: Sequence[Delta], updates: Sequence[ClientUpdate], weights: Sequence[float]) -> float | None:
     """Relative distance of the new global model from the ideal FedAvg update (0 = exact)."""
-    err: dict[str, Weighted] = {}
-    ideal: dict[str, Weighted] = {}
-    _add(err, after, 1.0)
-    _add(ideal, before, -sum(weights))
+    ideal = IdealSum()
     for start, u, p in zip(starts, updates, weights):
-        trained = _trained(u)
-        for target, sign in ((err, -1.0), (ideal, 1.0)):
-            _add(target, start, sign * p)
-            _add(target, trained, sign * p * u.scale)
-    _add(err, before, sum(weights) - 1.0)  # zero when the weights sum to one
-    return ratio(_norm(err), _norm(ideal))
+        ideal.add(start, u, p)
+    return ideal.agg_noise(before, after)
 
 
 def init_noise(before: Delta, start: Delta, plan: ClientPlan) -> float | None:

@@ -1,6 +1,6 @@
 """The in-process federation: the round loop, written once (style.md lesson 2).
 
-sample → plan → train → aggregate → diagnose → evaluate → record → checkpoint. The method owns
+sample → plan → train → fold in → aggregate → diagnose → evaluate → record → checkpoint. The method owns
 the math, the trainer the local work, ``server_round`` the server's half of a round (shared with
 Flower), the run folder the files; this module only orders them.
 """
@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedlora.methods.base import ClientUpdate, client_finish, client_prepare, client_regularizer
+from fedlora.methods.base import client_finish, client_prepare, client_regularizer
 from fedlora.methods.validate import Bounds
 from fedlora.ops.lowrank import weighted_mean
 from fedlora.sim.checkpoint import kill_point
 from fedlora.sim.experiment import Experiment
-from fedlora.sim.server_round import Arrival, bounds_of, finish_round
+from fedlora.sim.server_round import Arrival, ServerRound, bounds_of
 from fedlora.train.client import ClientState, start_delta
 
 
@@ -116,13 +116,13 @@ class Simulation:
             entry["wall_s"] = time.perf_counter() - t_round
             finish(entry)
 
-    def _aggregate_heads(self, updates: list[ClientUpdate], weights: list[float]) -> None:
-        if not updates or not updates[0].head:
+    def _aggregate_heads(self, clients: list[int], heads: list[dict], weights: list[float]) -> None:
+        if not heads or not heads[0]:
             return
         if self._personal:
-            self.heads.update({u.client: u.head for u in updates})
+            self.heads.update(zip(clients, heads))
         else:
-            self.heads[-1] = _fedavg([u.head for u in updates], weights)
+            self.heads[-1] = _fedavg(heads, weights)
 
     def round(self, rnd: int) -> dict[str, Any]:
         exp, cfg = self.exp, self.exp.cfg
@@ -132,7 +132,7 @@ class Simulation:
         self.hooks.round_start(rnd, sampled)
         before = exp.method.global_delta()
         plans = {k: exp.method.plan(k, rnd) for k in sampled}
-        arrivals: list[Arrival] = []
+        server = ServerRound(exp.method, self.bounds, rnd, fed.method, sampled, fed.min_clients, before)
         for k in sampled:
             sent = plans[k]
             sent.head = self.head_for(k)
@@ -142,9 +142,10 @@ class Simulation:
             update, stats = exp.trainer.fit(plan, self.states[k], train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan))
             update = client_finish(exp.method, plan, update)
             start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
-            arrivals.append(Arrival(sent, plan, update, start, {"padded_fraction": stats.padded_fraction}))
+            server.receive(Arrival(sent, plan, update, start, {"padded_fraction": stats.padded_fraction}))  # folded in: not kept
+            del plans[k], sent, plan, update, start
             kill_point("mid-round", rnd)
-        return finish_round(exp.method, self.bounds, rnd, fed.method, sampled, fed.min_clients, before, arrivals, self._aggregate_heads)
+        return server.finish(self._aggregate_heads)
 
     @property
     def bounds(self) -> Bounds:

@@ -1,10 +1,10 @@
 """The server's half of a round, written once for the simulator and for Flower.
 
-Given the plans and the updates that arrived: validate → weights → method.aggregate → task
-heads → diagnostics → the round's metrics entry. An update that fails validation is logged,
-recorded under ``rejected`` with its reason and left out; if fewer than
-``federation.min_clients`` remain the round fails before anything changes, so the global
-state of the previous round stays intact.
+Reply by reply: validate → record the row → fold into the method's running sum and the
+agg_noise ideal; then commit → task heads → diagnostics → the round's metrics entry. An
+update that fails validation is logged, recorded under ``rejected`` with its reason and left
+out; if fewer than ``federation.min_clients`` remain the round fails before anything changes,
+so the global state of the previous round stays intact.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Method, plan_nbytes, update_nbytes
+from fedlora.methods.folding import folds
 from fedlora.methods.validate import Bounds, check_update
 from fedlora.ops.weights import data_weights
 from fedlora.sim import diagnostics
@@ -43,58 +44,108 @@ def bounds_of(method: Method, max_norm: float, adalora: bool = False) -> Bounds:
     return Bounds(method.setup.layers, max_norm, min_rank=min_rank, modules=getattr(method, "R", None))
 
 
-def finish_round(
-    method: Method, bounds: Bounds, number: int, name: str, sampled: list[int], min_clients: int, before: Delta,
-    arrivals: list[Arrival], aggregate_heads: Callable[[list[ClientUpdate], list[float]], None],
-    rejected: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Aggregate the valid updates into the method's state; the round's metrics entry.
+class ServerRound:
+    """The server's half of one round, fed one reply at a time, then finished.
 
-    ``rejected`` may already hold replies the transport could not decode.
+    ``receive`` validates a reply, records its row and init_noise, and folds it into the
+    method's running sum (methods/folding.py) and the agg_noise ideal; only a method that needs
+    every update at once (HETLoRA, FlexLoRA, Fed-PLoRA, the references) keeps the updates until
+    ``finish``. ``finish`` checks ``federation.min_clients``, commits the aggregate, the heads
+    and the diagnostics, and returns the round's metrics entry. Nothing of the method's state
+    changes before ``finish`` has enough usable replies.
     """
-    rejected = list(rejected or [])
-    kept: list[Arrival] = []
-    for a in arrivals:
-        reason = check_update(a.update, a.plan, bounds)
-        if reason is None:
-            kept.append(a)
-        else:
-            log.warning("round %d: update of client %d rejected: %s", number, a.plan.client, reason)
-            rejected.append({"id": a.plan.client, "reason": reason})
-    need = min(min_clients, len(sampled))
-    if len(kept) < need:
-        raise RoundFailed(
-            f"round {number}: {len(kept)} usable updates of {len(sampled)} sampled clients, federation.min_clients={need}; "
-            f"rejected: {rejected}; the previous round's global state is kept"
-        )
-    updates = [a.update for a in kept]
-    weights = data_weights([u.num_examples for u in updates])
-    method.aggregate(updates, weights, number)
-    aggregate_heads(updates, weights)
-    after = method.global_delta()
-    personal = getattr(method, "personal", False)  # no global model: the noises are undefined
-    silent = not getattr(method, "communicates", True)
-    rows, inits = [], []
-    for a in kept:
-        init = None if personal else diagnostics.init_noise(before, a.start, a.plan)
-        inits.append(init)
+
+    def __init__(self, method: Method, bounds: Bounds, number: int, name: str, sampled: list[int], min_clients: int,
+                 before: Delta, rejected: list[dict[str, Any]] | None = None) -> None:
+        self.method, self.bounds, self.number, self.name, self.sampled, self.min_clients = method, bounds, number, name, sampled, min_clients
+        self.before = before
+        self.rejected = list(rejected or [])  # may already hold replies the transport could not decode
+        self.personal = getattr(method, "personal", False)  # no global model: the noises are undefined
+        self.silent = not getattr(method, "communicates", True)
+        self.folding = folds(method)
+        self.sum = method.begin(number) if self.folding else None  # type: ignore[attr-defined]
+        self.ideal = None if self.personal else diagnostics.IdealSum()
+        self.updates: list[ClientUpdate] = []  # non-folding methods only
+        self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known
+        self.clients: list[int] = []
+        self.heads: list[dict] = []
+        self.counts: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+        self.inits: list[float | None] = []
+
+    def receive(self, a: Arrival) -> None:
+        reason = check_update(a.update, a.plan, self.bounds)
+        if reason is not None:
+            log.warning("round %d: update of client %d rejected: %s", self.number, a.plan.client, reason)
+            self.rejected.append({"id": a.plan.client, "reason": reason})
+            return
         u = a.update
-        rows.append({
+        init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan)
+        self.inits.append(init)
+        self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
-            "bytes_up": 0 if silent else update_nbytes(u, send_A=a.plan.train_A), "bytes_down": 0 if silent else plan_nbytes(a.sent),
+            "bytes_up": 0 if self.silent else update_nbytes(u, send_A=a.plan.train_A), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
             "init_noise": init, "local_rank_sum": sum(f.rank for f in u.factors.values()),  # Σ over layers; AdaLoRA prunes it
             **a.extras,
         })
-    return {
-        "round": number,
-        "method": name,
-        "clients": rows,
-        "weights": weights,
-        "agg_noise": None if personal else diagnostics.agg_noise(before, after, [a.start for a in kept], updates, weights),
-        "init_noise": None if personal else diagnostics.mean_defined(inits),
-        "bytes_up": sum(r["bytes_up"] for r in rows),
-        "bytes_down": sum(r["bytes_down"] for r in rows),
-        "local_rank_sum": sum(r["local_rank_sum"] for r in rows),
-        "rejected": sorted(rejected, key=lambda x: x["id"]),
-        **({"module_similarity": module_similarity(updates)} if name == "fedplora" else {}),
-    }
+        self.clients.append(u.client)
+        self.heads.append(u.head)
+        self.counts.append(u.num_examples)
+        if not self.folding:
+            self.updates.append(u)
+        if u.num_examples == 0:  # its weight is 0, or 1 if every count turns out to be 0 (data_weights)
+            self.no_examples.append((a.start, u))
+        else:
+            self._take(a.start, u, float(u.num_examples))
+
+    def _take(self, start: Delta, u: ClientUpdate, weight: float) -> None:
+        if self.folding:
+            self.method.fold(self.sum, u, weight)  # type: ignore[attr-defined]
+        if self.ideal is not None:
+            self.ideal.add(start, u, weight)
+
+    def finish(self, aggregate_heads: Callable[[list[int], list[dict], list[float]], None]) -> dict[str, Any]:
+        need = min(self.min_clients, len(self.sampled))
+        if len(self.rows) < need:
+            raise RoundFailed(
+                f"round {self.number}: {len(self.rows)} usable updates of {len(self.sampled)} sampled clients, federation.min_clients={need}; "
+                f"rejected: {self.rejected}; the previous round's global state is kept"
+            )
+        weights = data_weights(self.counts)
+        every_count_zero = sum(self.counts) == 0
+        for start, u in self.no_examples:
+            if every_count_zero:
+                self._take(start, u, 1.0)
+            elif self.folding:
+                self.method.fold(self.sum, u, 0.0)  # type: ignore[attr-defined]  # a uniform-weight method still counts it
+        if self.folding:
+            self.method.commit(self.sum)  # type: ignore[attr-defined]
+        else:
+            self.method.aggregate(self.updates, weights, self.number)
+        aggregate_heads(self.clients, self.heads, weights)
+        after = self.method.global_delta()
+        return {
+            "round": self.number,
+            "method": self.name,
+            "clients": self.rows,
+            "weights": weights,
+            "agg_noise": None if self.ideal is None else self.ideal.agg_noise(self.before, after),
+            "init_noise": None if self.personal else diagnostics.mean_defined(self.inits),
+            "bytes_up": sum(r["bytes_up"] for r in self.rows),
+            "bytes_down": sum(r["bytes_down"] for r in self.rows),
+            "local_rank_sum": sum(r["local_rank_sum"] for r in self.rows),
+            "rejected": sorted(self.rejected, key=lambda x: x["id"]),
+            **({"module_similarity": module_similarity(self.updates)} if self.name == "fedplora" else {}),
+        }
+
+
+def finish_round(
+    method: Method, bounds: Bounds, number: int, name: str, sampled: list[int], min_clients: int, before: Delta,
+    arrivals: list[Arrival], aggregate_heads: Callable[[list[int], list[dict], list[float]], None],
+    rejected: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Every reply of a round at once (Flower's ``aggregate_train``): receive each, then finish."""
+    server = ServerRound(method, bounds, number, name, sampled, min_clients, before, rejected)
+    for a in arrivals:
+        server.receive(a)
+    return server.finish(aggregate_heads)

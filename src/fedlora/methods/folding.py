@@ -1,0 +1,65 @@
+"""Aggregation folded in one update at a time, for methods whose aggregate is a weighted sum.
+
+FLoRA, zero-padding, FedIT, FFA-LoRA and ``full`` aggregate Σ_k w_k X_k / Σ_k w_k. Folding each
+update into a running sum as it arrives keeps the server's memory at one sum however many
+clients a round samples (benchmark 4: the uploads of 1000 clients would otherwise all be held
+until the round ends). ``aggregate(updates, weights)`` is the same fold over a list, so the
+batch and the streaming server run one code.
+
+A folding method defines ``begin(round) -> Sum``, ``fold(acc, update, weight)`` (the weight
+unnormalised: an example count, or what the method's own weighting makes of it) and
+``commit(acc)``, which divides by the total and replaces the method's state. Nothing touches
+the method's state before ``commit``, so a round that fails keeps the previous global model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedlora.methods.base import ClientUpdate
+
+
+@dataclass
+class Sum:
+    """One round's running sum: per-layer partial results, the total weight, who contributed."""
+
+    round: int
+    layers: dict[str, Any] = field(default_factory=dict)
+    total: float = 0.0
+    clients: list[int] = field(default_factory=list)
+
+    def add(self, client: int, weight: float) -> None:
+        self.total += weight
+        self.clients.append(client)
+
+    def norm(self) -> float:
+        """1 / Σ w_k."""
+        assert self.total > 0, "a round's weights sum to zero"
+        return 1.0 / self.total
+
+
+class Folds:
+    """Mixin: ``aggregate`` as begin → fold every update → commit."""
+
+    folds = True
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        acc = self.begin(round)  # type: ignore[attr-defined]
+        for u, w in zip(updates, weights):
+            self.fold(acc, u, w)  # type: ignore[attr-defined]
+        self.commit(acc)  # type: ignore[attr-defined]
+
+
+def add_weighted(sums: dict[str, torch.Tensor], key: str, t: torch.Tensor, weight: float, dtype: torch.dtype | None = None) -> None:
+    """sums[key] += w·t in place; the first term is a new tensor (in ``dtype``, default t's)."""
+    if key in sums:
+        sums[key].add_(t, alpha=float(weight))
+    else:
+        sums[key] = t.to(dtype or t.dtype) * float(weight)
+
+
+def folds(method: object) -> bool:
+    return bool(getattr(method, "folds", False))
