@@ -6,8 +6,8 @@
   per client → one message per client's node (plan records + the resolved config);
 - clients: client_prepare, catch_up + train (client_regularizer), client_finish (ClientApp);
 - ``aggregate_train``: decode the updates (in sampled order), then the simulator's own server
-  half of a round (``sim/server_round.finish_round``: validate → weights → method.aggregate →
-  heads → diagnostics), from the server's mirror of every client's base;
+  half of a round (``sim/server_round.finish_round``: validate and fold in each reply, then
+  commit → heads → diagnostics), from the server's mirror of every client's base;
 - ``evaluate`` (Strategy.start's ``evaluate_fn``): the simulator's evaluation, then the round's
   line in metrics.jsonl.
 

@@ -106,6 +106,8 @@ class Method(Protocol):
     ``client_prepare(plan) -> plan`` expands what the wire carries compactly (e.g. a seed);
     ``client_regularizer(plan) -> Regularizer | None`` adds a training penalty;
     ``client_finish(plan, update) -> update`` post-processes before upload (e.g. pruning).
+    A method whose aggregate is a weighted sum also folds replies in one at a time
+    (``begin``/``fold``/``commit``, methods/folding.py), so the server need not hold them all.
     """
 
     name: str
