@@ -21,9 +21,9 @@ import zlib
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, plan_for_layers
+from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, plan_for_layers
 from fedlora.methods.errors import MethodError
-from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.folding import FoldsB
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 
@@ -39,7 +39,7 @@ def shared_A(seed: int, layer: str, rank: int, d_in: int, dtype: torch.dtype) ->
     return kaiming_A(rank, d_in, seeded_generator(seed, A_TAG, zlib.crc32(layer.encode())), dtype)
 
 
-class FFALoRA(Folds):
+class FFALoRA(FoldsB):
     name = "ffa"
     summary = "A drawn once from a shared seed and frozen; only B trains and is averaged (exact)."
 
@@ -87,20 +87,6 @@ class FFALoRA(Folds):
         init = {name: Factors(B=plan.meta[B_KEY + name].clone(), A=A[name]) for name in self.setup.layers}
         meta = {k: v for k, v in plan.meta.items() if not k.startswith(B_KEY)}
         return dataclasses.replace(plan, init=init, train_A=False, meta=meta)
-
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
-
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Add w_k B_k into the running sum; the clients' A is the shared one (never uploaded)."""
-        acc.add(u.client, float(weight))
-        for name in self.setup.layers:
-            add_weighted(acc.layers, name, u.factors[name].B, weight, self.setup.dtype)  # (d_out × r)
-
-    def commit(self, acc: Sum) -> None:
-        """B̄ = Σ w_k B_k / Σ w_k."""
-        norm = acc.norm()
-        self.B = {name: acc.layers[name].mul_(norm) for name in self.setup.layers}
 
     def global_delta(self) -> Delta:
         return {name: [LowRank(self.B[name] * self.scale, self.A[name])] for name in self.setup.layers}

@@ -16,15 +16,15 @@ import dataclasses
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
-from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.base import ClientPlan, Delta, Factors, Setup
+from fedlora.methods.folding import FoldsB
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank
 
 B_KEY = "W_delta:"  # + layer name: the global B̄ = W_g − W_0 (d_out × d_in)
 
 
-class FullFedAvg(Folds):
+class FullFedAvg(FoldsB):
     name = "full"
     summary = "Reference: FedAvg of the adapted layers' full weights (d_out·d_in per layer each way); exact."
     options: dict = {}
@@ -50,20 +50,6 @@ class FullFedAvg(Folds):
             for name, (_, d_in) in self.setup.layers.items()
         }
         return dataclasses.replace(plan, init=init, meta={})
-
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
-
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Add w_k B_k (the client's weight delta) into the running sum."""
-        acc.add(u.client, float(weight))
-        for name in self.setup.layers:
-            add_weighted(acc.layers, name, u.factors[name].B, weight, self.setup.dtype)  # (d_out × d_in)
-
-    def commit(self, acc: Sum) -> None:
-        """B̄ = Σ w_k B_k / Σ w_k: FedAvg of the weights."""
-        norm = acc.norm()
-        self.B = {name: acc.layers[name].mul_(norm) for name in self.setup.layers}
 
     def global_delta(self) -> Delta:
         return {name: [LowRank(B, torch.eye(B.shape[1], dtype=B.dtype))] for name, B in self.B.items()}

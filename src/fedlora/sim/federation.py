@@ -1,8 +1,8 @@
 """The in-process federation: the round loop, written once (style.md lesson 2).
 
-sample → plan → train → fold in → aggregate → diagnose → evaluate → record → checkpoint. The method owns
-the math, the trainer the local work, ``server_round`` the server's half of a round (shared with
-Flower), the run folder the files; this module only orders them.
+sample → plan → train → fold each reply in → aggregate → diagnose → evaluate → record →
+checkpoint. The method owns the math, the trainer the local work, ``server_round`` the server's
+half of a round (shared with Flower), the run folder the files; this module only orders them.
 """
 
 from __future__ import annotations
