@@ -1,5 +1,7 @@
 """agg_noise / init_noise agree with their definitions (methods.md §2) and with theory."""
 
+import os
+
 import pytest
 import torch
 
@@ -70,3 +72,29 @@ def test_sampling_is_seeded_sized_and_without_replacement():
     assert any(sample_clients(10, 0.5, 1, seed=3, round=r) != a for r in range(3, 8))
     assert len(sample_clients(10, 0.1, 4, seed=0, round=1)) == 4  # min_clients wins
     assert sample_clients(4, 1.0, 1, seed=0, round=1) == [0, 1, 2, 3]
+
+
+def test_noise_does_not_depend_on_the_process_hash_seed():
+    """A resumed run must reproduce the noise bit for bit, so no sum may follow set or hash order."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from fedlora.methods import Setup, build_method\n"
+        "from fedlora.train.client import ClientState\n"
+        "from tests.dense_reference import run_round\n"
+        "layers = {f'block{i}.proj': (6 + i % 5, 7) for i in range(64)}  # many similar terms: their sum's order shows in its last bits\n"
+        "g = torch.Generator().manual_seed(7)\n"
+        "ranks, scales = {0: 3, 1: 2, 2: 2}, {0: 2.0, 1: 2.0, 2: 2.0}\n"
+        "m = build_method('zeropad', Setup(layers, ranks, scales, dtype=torch.float64))\n"
+        "states = {k: ClientState() for k in ranks}\n"
+        "before, after, starts, updates, w, inits = run_round(m, states, (0, 1, 2), ranks, scales, g, 1, layers)\n"
+        "from fedlora.sim.diagnostics import agg_noise\n"
+        "print(repr(agg_noise(before, m.global_delta(), starts, updates, w)))\n"
+    )
+    out = [
+        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)}, capture_output=True, text=True, check=True).stdout
+        for seed in (1, 2, 3, 4)
+    ]
+    assert len(set(out)) == 1, out

@@ -56,7 +56,7 @@ def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
 def _norm(per_layer: dict[str, Weighted], dense: dict[str, torch.Tensor] | None = None) -> float:
     """‖·‖_F over all adapted layers together."""
     dense = dense or {}
-    names = set(per_layer) | set(dense)
+    names = [*per_layer, *(n for n in dense if n not in per_layer)]  # a fixed order: the float sum must not depend on hashing
     return math.sqrt(sum(_layer_norm(per_layer.get(n, []), dense.get(n)) ** 2 for n in names))
 
 
