@@ -105,7 +105,8 @@ def frob_norm(terms: Sequence[LowRank]) -> float:
 
 
 def frob_norm_gram(terms: Sequence[LowRank]) -> float:
-    """The Gram form Σ_{i,j} tr((B_iᵀ B_j)(A_j A_iᵀ)), square-rooted; a cross-check for frob_norm."""
+    """The Gram form Σ_{i,j} tr((B_iᵀ B_j)(A_j A_iᵀ)), square-rooted: exact enough for a term that
+    cannot cancel (one client's, HETLoRA's norm weights), and a cross-check for frob_norm."""
     if not terms:
         return 0.0
     s = terms[0] if len(terms) == 1 else stack(terms)  # one term: no copy

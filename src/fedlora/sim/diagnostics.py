@@ -32,6 +32,12 @@ def _combine(weighted: Weighted) -> list[tuple[float, LowRank]]:
     return [(c, term[k]) for k, c in coef.items() if abs(c) > 1e-12]
 
 
+def _add_dense(dense: torch.Tensor, weighted: Weighted) -> None:
+    """dense += Σ c_i B_i A_i, one float64 product at a time."""
+    for c, t in weighted:
+        dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+
+
 def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
     """‖dense + Σ c_i B_i A_i‖_F in float64: low-rank while Σr is below min(d_out, d_in), else dense.
 
@@ -48,8 +54,7 @@ def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
         dense = torch.zeros(d_out, d_in, dtype=torch.float64)
     else:
         dense = dense.clone()
-    for c, t in terms:
-        dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+    _add_dense(dense, terms)
     return float(torch.linalg.matrix_norm(dense))
 
 
@@ -104,9 +109,7 @@ class IdealSum:
             fresh = self.fresh.setdefault(name, [])
             fresh.append((weight * update.scale, LowRank(f.B, f.A)))
             if name in self.dense or sum(t.rank for _, t in fresh) >= min(f.B.shape[0], f.A.shape[1]):
-                dense = self.dense.setdefault(name, torch.zeros(f.B.shape[0], f.A.shape[1], dtype=torch.float64))
-                for c, t in fresh:
-                    dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+                _add_dense(self.dense.setdefault(name, torch.zeros(f.B.shape[0], f.A.shape[1], dtype=torch.float64)), fresh)
                 fresh.clear()
 
     def _scaled(self, out: dict[str, Weighted], c: float) -> dict[str, torch.Tensor]:

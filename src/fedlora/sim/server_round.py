@@ -67,11 +67,8 @@ class ServerRound:
         self.ideal = None if self.personal else diagnostics.IdealSum()
         self.updates: list[ClientUpdate] = []  # non-folding methods only
         self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known
-        self.clients: list[int] = []
-        self.heads: list[dict] = []
-        self.counts: list[int] = []
+        self.heads: list[dict] = []  # the rows hold everything else a kept reply leaves
         self.rows: list[dict[str, Any]] = []
-        self.inits: list[float | None] = []
 
     def receive(self, a: Arrival) -> None:
         reason = check_update(a.update, a.plan, self.bounds)
@@ -81,16 +78,13 @@ class ServerRound:
             return
         u = a.update
         init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan)
-        self.inits.append(init)
         self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
             "bytes_up": 0 if self.silent else update_nbytes(u, send_A=a.plan.train_A), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
             "init_noise": init, "local_rank_sum": sum(f.rank for f in u.factors.values()),  # Σ over layers; AdaLoRA prunes it
             **a.extras,
         })
-        self.clients.append(u.client)
         self.heads.append(u.head)
-        self.counts.append(u.num_examples)
         if not self.folding:
             self.updates.append(u)
         if u.num_examples == 0:  # its weight is 0, or 1 if every count turns out to be 0 (data_weights)
@@ -111,8 +105,9 @@ class ServerRound:
                 f"round {self.number}: {len(self.rows)} usable updates of {len(self.sampled)} sampled clients, federation.min_clients={need}; "
                 f"rejected: {self.rejected}; the previous round's global state is kept"
             )
-        weights = data_weights(self.counts)
-        every_count_zero = sum(self.counts) == 0
+        counts = [r["num_examples"] for r in self.rows]
+        weights = data_weights(counts)
+        every_count_zero = sum(counts) == 0
         for start, u in self.no_examples:
             if every_count_zero:
                 self._take(start, u, 1.0)
@@ -122,7 +117,7 @@ class ServerRound:
             self.method.commit(self.sum)  # type: ignore[attr-defined]
         else:
             self.method.aggregate(self.updates, weights, self.number)
-        aggregate_heads(self.clients, self.heads, weights)
+        aggregate_heads([r["id"] for r in self.rows], self.heads, weights)
         after = self.method.global_delta()
         return {
             "round": self.number,
@@ -130,7 +125,7 @@ class ServerRound:
             "clients": self.rows,
             "weights": weights,
             "agg_noise": None if self.ideal is None else self.ideal.agg_noise(self.before, after),
-            "init_noise": None if self.personal else diagnostics.mean_defined(self.inits),
+            "init_noise": None if self.personal else diagnostics.mean_defined(r["init_noise"] for r in self.rows),
             "bytes_up": sum(r["bytes_up"] for r in self.rows),
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
             "local_rank_sum": sum(r["local_rank_sum"] for r in self.rows),
