@@ -57,7 +57,7 @@ def plain_peft(exp, train: list, rank: int, scale: float, steps: int, seed: int)
 def fedlora_fit(exp, train: list) -> tuple[float, int]:
     plan = exp.method.plan(0, 1)
     t0 = time.perf_counter()
-    _, stats = exp.trainer.fit(plan, ClientState(), train)
+    _, stats = exp.trainer.fit(plan, train)
     return time.perf_counter() - t0, stats.real_tokens
 
 

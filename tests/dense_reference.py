@@ -14,7 +14,7 @@ def dense(delta, name, layers):
     d_out, d_in = layers[name]
     out = torch.zeros(d_out, d_in, dtype=torch.float64)
     for t in delta.get(name, []):
-        out += t.B.double() @ t.A.double()
+        out += t.dense().double()
     return out
 
 

@@ -72,7 +72,7 @@ def save_final(exp, folder: Path) -> None:
     from fedlora.model.export import save_adapter
 
     args = (exp.cfg.lora.target_modules,)
-    if getattr(exp.method, "personal", False):
+    if exp.method.personal:
         for c in exp.clients:
             save_adapter(exp.host, exp.method.client_delta(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
         log.info("final per-client adapters in %s", folder)

@@ -50,6 +50,7 @@ def without_wall_times(run: Path) -> list[dict]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for m in lines:
         m.pop("wall_s")
+        m.pop("rss_mb", None)  # a measurement of the process, like the wall time
     return lines
 
 

@@ -36,7 +36,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 def dense(delta) -> dict[str, torch.Tensor]:
     """G − W_0 per layer, densified in float64."""
-    return {n: sum(t.B.double() @ t.A.double() for t in terms) for n, terms in delta.items() if terms}
+    return {n: sum(t.dense().double() for t in terms) for n, terms in delta.items() if terms}
 
 
 def dense_file(path: Path) -> dict[str, torch.Tensor]:
@@ -46,9 +46,11 @@ def dense_file(path: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(path)
     out: dict[str, torch.Tensor] = {}
     for key in tensors:
+        layer = key.rsplit("/", 2)[0]
         if key.endswith("/B"):
-            layer = key.rsplit("/", 2)[0]
             out[layer] = out.get(layer, 0) + tensors[key].double() @ tensors[key[:-1] + "A"].double()
+        elif key.endswith("/W"):
+            out[layer] = out.get(layer, 0) + tensors[key].double()
     return out
 
 

@@ -90,7 +90,7 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
 
     def fake_runtime(cfg_text, partition, num_partitions, data_path):
         method = client_methods.setdefault(partition, build_method(exp.cfg.federation.method, setup))  # the node's own method object
-        pooled = getattr(method, "pooled", False)
+        pooled = method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
         return runtime.ClientRuntime(exp.cfg, method, exp.trainer, train)
 
@@ -133,6 +133,7 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
 
     sim = Simulation(exp, Hooks(round_end=sim_round_end))
     sim.run(sim_records.append)
+    exp.host.reset_base()  # a shared model back to W_0: the simulator left it at its merged base
 
     exp, setup = _experiment(fresh(), name, ranks, classify=classify)
     records, deltas, heads = _flower(exp, setup, tmp_path, monkeypatch)

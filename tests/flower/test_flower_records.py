@@ -12,8 +12,8 @@ from fedlora.flower.records import (
     update_to_records,
 )
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
-from fedlora.methods.base import ClientPlan, ClientUpdate, Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
-from fedlora.ops.lowrank import LowRank
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
+from fedlora.ops.lowrank import Dense, LowRank
 
 LAYERS = {"m.layers.0.q_proj": (6, 5), "m.layers.0.v_proj": (3, 5), "m.layers.1.q_proj": (6, 5)}
 CAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,21 +120,25 @@ def test_flower_message_bytes_are_the_method_counters_plus_key_names(name):
 def test_flower_bfloat16_halves_the_float_payload():
     method, plans, _ = _round_two_plans("flora")
     plan = plans[0]
-    assert plan.base_updates, "round 2 of flora carries the round-1 stack"
+    assert plan.base is not None and plan.base.reset, "round 2 of flora carries the round-1 stack"
     payload = lambda rd: sum(len(a.data) for r in rd.array_records.values() for a in r.values())  # noqa: E731
     assert payload(plan_to_records(plan, "bfloat16")) * 2 == payload(plan_to_records(plan, "float32")) == plan_nbytes(plan)
 
 
 def test_flower_meta_keeps_types_and_integers_stay_exact():
     K = torch.tensor([5, 0, 2], dtype=torch.int64)
-    plan = ClientPlan(client=2, round=4, rank=3, scale=0.5, rank_pattern={"m.layers.1.q_proj": 1}, base_version=3,
+    base = BaseUpdate(1, 3, merges={"a": [LowRank(torch.ones(2, 1), torch.ones(1, 4)), Dense(torch.ones(2, 4))]}, reset={"b": [Dense(torch.zeros(3, 4))]})
+    plan = ClientPlan(client=2, round=4, rank=3, scale=0.5, rank_pattern={"m.layers.1.q_proj": 1}, base=base,
                       fold={"a": [LowRank(torch.ones(2, 1), torch.ones(1, 4)), LowRank(torch.zeros(2, 2), torch.ones(2, 4))]},
                       meta={"indices": K, "seed": torch.tensor(7), "gamma": 0.99, "r_min": 1, "mode": "x", "flag": True})
     back = records_to_plan(plan_to_records(plan, "bfloat16"))
     assert back.meta["gamma"] == 0.99 and type(back.meta["r_min"]) is int and back.meta["mode"] == "x" and back.meta["flag"] is True
     assert back.meta["indices"].dtype == torch.int64 and torch.equal(back.meta["indices"], K) and back.meta["seed"].shape == ()
-    assert back.rank_pattern == {"m.layers.1.q_proj": 1} and back.init is None and back.base_updates == [] and back.base_version == 3
+    assert back.rank_pattern == {"m.layers.1.q_proj": 1} and back.init is None and (back.base.since, back.base.version) == (1, 3)
+    assert [type(t).__name__ for t in back.base.merges["a"]] == ["LowRank", "Dense"] and torch.equal(back.base.merges["a"][1].W, torch.ones(2, 4))
+    assert list(back.base.reset) == ["b"] and back.base.reset["b"][0].W.shape == (3, 4)
     assert [t.rank for t in back.fold["a"]] == [1, 2]
+    assert records_to_plan(plan_to_records(ClientPlan(client=0, round=1, rank=1, scale=1.0))).base is None
 
 
 def test_flower_task_head_travels_both_ways():

@@ -89,7 +89,7 @@ def test_round_one_is_a_fresh_adapter():
     assert m.global_delta() == {name: [] for name in LAYERS}
     plan = m.plan(0, 1)
     assert plan.init is None and plan.rank == 4 and plan.scale == 2.0
-    assert plan.base_updates == [] and plan.fold == {} and plan_nbytes(plan) == 0
+    assert plan.base is None and plan.fold == {} and plan_nbytes(plan) == 0
 
 
 def test_truncation_error_is_the_tail_of_the_spectrum_and_matches_the_dense_svd(gen):

@@ -6,7 +6,7 @@ import torch
 
 from fedlora.methods import Setup, build_method
 from fedlora.methods.base import plan_nbytes, update_nbytes
-from fedlora.ops.lowrank import LowRank, fold_terms
+from fedlora.ops.lowrank import Dense, LowRank, fold_terms
 from fedlora.ops.weights import data_weights
 from fedlora.train.client import ClientState, start_delta
 
@@ -29,12 +29,15 @@ def _round(method, gen, clients=(0, 1, 2), n=(10, 30, 60)):
 
 
 def test_stack_equals_weighted_sum_of_scaled_products(gen):
-    m = _flora()
-    updates, weights = _round(m, gen)
-    for name, (d_out, d_in) in LAYERS.items():
-        (merged,) = m.global_delta()[name]
-        r = min(7, d_out, d_in)  # Σr_k = 7 on l0.q (12 × 10); l0.v (6 × 10) is kept at its own rank 6
-        assert merged.B.shape == (d_out, r) and merged.A.shape == (r, d_in)
+    layers = {"l0.q": (40, 30), "l0.v": (6, 10)}  # Σr_k = 7: low-rank on l0.q, dense (the smaller form) on l0.v
+    m = build_method("flora", Setup(layers, RANKS, SCALES, seed=0, dtype=torch.float64))
+    updates = [random_update(k, layers, RANKS[k], SCALES[k], n, gen) for k, n in zip(RANKS, (10, 30, 60))]
+    weights = data_weights([u.num_examples for u in updates])
+    m.aggregate(updates, weights, 1)
+    (q,), (v,) = m.global_delta()["l0.q"], m.global_delta()["l0.v"]
+    assert isinstance(q, LowRank) and q.B.shape == (40, 7) and q.A.shape == (7, 30)
+    assert isinstance(v, Dense) and v.W.shape == (6, 10)  # 7 (6 + 10) numbers would exceed 6 · 10
+    for name, merged in (("l0.q", q), ("l0.v", v)):
         ideal = sum(p * u.scale * u.factors[name].B @ u.factors[name].A for u, p in zip(updates, weights))
         assert rel_err(merged.dense(), ideal) < 1e-12
 
@@ -87,15 +90,22 @@ def test_skipped_client_catches_up_to_the_same_base(gen):
 
 
 def test_downlink_counts_missed_stacks_and_uplink_counts_factors(gen):
-    m = _flora()
-    d = sum(o + i for o, i in LAYERS.values())
-    _round(m, gen, clients=(0, 1), n=(10, 30))  # round 1: stack rank 4+2
-    plan = m.plan(2, 2)  # client 2 never trained: receives the round-1 stack
-    assert plan_nbytes(plan) == 8 * (4 + 2) * d
-    _round(m, gen, clients=(0, 2), n=(10, 30))  # round 2: stack rank 4+1
-    assert plan_nbytes(m.plan(0, 3)) == 8 * (4 + 1) * d  # trained on the round-1 base: needs stack 2 only
-    assert plan_nbytes(m.plan(1, 3)) == 8 * (4 + 2 + 4 + 1) * d  # trained before stack 1 existed: needs 1 and 2
-    u = random_update(1, LAYERS, 2, 0.5, 5, gen)
+    layers = {"q": (40, 30), "v": (20, 30)}  # wide enough for every merge here to stay low-rank
+    m = build_method("flora", Setup(layers, RANKS, SCALES, seed=0, dtype=torch.float64))
+    d = sum(o + i for o, i in layers.values())
+
+    def train(clients):
+        ups = [random_update(k, layers, RANKS[k], SCALES[k], 10 * (k + 1), gen) for k in clients]
+        m.aggregate(ups, data_weights([u.num_examples for u in ups]), 1)
+
+    train((0, 1))  # round 1: stack rank 4+2
+    plan = m.plan(2, 2)  # client 2 never trained: receives G_1 − W_0, the round-1 stack
+    assert plan_nbytes(plan) == 8 * (4 + 2) * d and set(plan.base.reset) == set(layers)
+    train((0, 2))  # round 2: stack rank 4+1
+    plan = m.plan(0, 3)  # trained on the round-1 base: needs stack 2 only
+    assert plan_nbytes(plan) == 8 * (4 + 1) * d and set(plan.base.merges) == set(layers) and (plan.base.since, plan.base.version) == (1, 2)
+    assert plan_nbytes(m.plan(1, 3)) == 8 * (4 + 2 + 4 + 1) * d  # trained before stack 1 existed: G_2 − W_0, both stacks
+    u = random_update(1, layers, 2, 0.5, 5, gen)
     assert update_nbytes(u) == 8 * 2 * d
 
 
@@ -124,8 +134,8 @@ def test_scaling_multiplies_the_merge_and_shows_in_agg_noise(gen):
     assert abs(agg_noise({}, m2.global_delta(), starts, updates, w) - 0.5) < 1e-12
 
 
-def test_a_stack_wider_than_the_layer_is_kept_at_the_layer_rank(gen):
-    """Σr_k = 12 on a 5 × 7 layer: the merge keeps rank 5 and the same product (float64 round-off)."""
+def test_a_stack_wider_than_the_layer_is_held_dense(gen):
+    """Σr_k = 12 on a 5 × 7 layer: the merge is the 5 × 7 matrix itself, smaller than any factor pair of rank ≥ 3."""
     layers = {"w": (5, 7)}
     ranks = {k: 3 for k in range(4)}
     m = build_method("flora", Setup(layers, ranks, {k: 2.0 for k in ranks}, dtype=torch.float64))
@@ -134,5 +144,5 @@ def test_a_stack_wider_than_the_layer_is_kept_at_the_layer_rank(gen):
     m.aggregate(ups, p, 1)
     (merged,) = m.global_delta()["w"]
     ideal = sum(pk * u.scale * u.factors["w"].B @ u.factors["w"].A for u, pk in zip(ups, p))
-    assert merged.rank == 5
+    assert isinstance(merged, Dense) and merged.W.shape == (5, 7)
     assert rel_err(merged.dense(), ideal) < 1e-13

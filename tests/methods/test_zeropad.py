@@ -14,7 +14,7 @@ from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import random_update, rel_err
 
-LAYERS = {"l0.q": (12, 10), "l0.v": (6, 10)}
+LAYERS = {"l0.q": (40, 30), "l0.v": (20, 30)}  # wide enough for every merge here to stay low-rank
 RANKS = {0: 4, 1: 2, 2: 1}
 SCALES = {0: 2.0, 1: 0.5, 2: 3.0}  # unequal s_k on purpose
 D = sum(o + i for o, i in LAYERS.values())

@@ -89,3 +89,31 @@ def test_saved_adapter_reloads_with_peft_as_the_global_model(tiny_llama, gen, tm
     got = _logits(loaded, ids)
     host.model = loaded.unload()
     assert rel_err(got, expected) < 1e-6  # the adapter file holds float32 factors
+
+
+def test_model_base_has_the_servers_bits_whether_it_merges_each_round_or_resets(tiny_llama, gen):
+    """methods.md §4: the simulator's model adds each round's merge once; a node back after many rounds
+    resets to G_t − W_0; a resumed run rebuilds from the method's state — all three the same weights."""
+    host, shapes = _host(tiny_llama)
+    w0 = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
+    ranks = {k: 2 for k in range(6)}
+    m = build_method("flora", Setup(shapes, ranks, {k: 2.0 for k in ranks}, dtype=torch.float64))
+    for t in range(1, 13):  # 12 rounds of 2 clients: the 32-wide layers' base turns dense on the way
+        ups = [random_update(k, shapes, 2, 2.0, 10, gen) for k in ((2 * t) % 6, (2 * t + 1) % 6)]
+        m.aggregate(ups, data_weights([10, 10]), t)
+        host.catch_up(m.merged.update_since(host.version))  # once per round, in place
+        assert host.version == t
+    every_round = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
+    assert any("Dense" == type(t).__name__ for ts in m.global_delta().values() for t in ts)
+    for n, terms in m.global_delta().items():
+        want = w0[n + ".weight"] + sum(t.dense() for t in terms)
+        assert rel_err(every_round[n + ".weight"], want) < 1e-12
+    host.reset_base()
+    assert all(torch.equal(p, w0[n]) for n, p in tiny_llama.state_dict().items())
+    host.catch_up(m.merged.update_since(0))  # a reset on every layer
+    assert all(torch.equal(p, every_round[n]) for n, p in tiny_llama.state_dict().items())
+    version, base = host.base_state()
+    host.reset_base()
+    host.load_base(version, base)  # a node's saved base
+    assert all(torch.equal(p, every_round[n]) for n, p in tiny_llama.state_dict().items())
+    host.reset_base()

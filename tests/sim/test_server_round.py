@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fedlora.methods import Setup, build_method
-from fedlora.methods.folding import folds
 from fedlora.ops.weights import data_weights
 from fedlora.sim.server_round import Arrival, ServerRound, bounds_of
 from fedlora.train.client import ClientState, start_delta
@@ -43,7 +42,7 @@ def _replies(method, rnd, gen, counts, layers=LAYERS):
 def test_folding_reply_by_reply_equals_the_batch_aggregate(name, gen):
     counts = [30, 10, 0, 25, 5]
     streamed, batch = build_method(name, _setup(name, 5)), build_method(name, _setup(name, 5))
-    assert folds(streamed)
+    assert streamed.folds
     replies = _replies(streamed, 1, gen, counts)
     server = ServerRound(streamed, bounds_of(streamed, 1e6), 1, name, list(range(5)), 1, streamed.global_delta())
     for a in replies:

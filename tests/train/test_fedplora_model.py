@@ -131,7 +131,7 @@ def test_trainer_trains_only_the_selected_modules(tiny_llama, gen):
         before = {n: (f.B.clone(), f.A.clone()) for n, f in m.factors.items()}
         plan = m.plan(k, rnd)
         state = ClientState()
-        update, _ = trainer.fit(plan, state, data)
+        update, _ = trainer.fit(plan, data)
         update = m.client_finish(plan, update)
         assert all(torch.equal(pristine[n], p) for n, p in host.model.state_dict().items())
         K = plan.meta["indices"]

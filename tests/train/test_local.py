@@ -8,7 +8,6 @@ from fedlora.methods import Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import target_layer_shapes
 from fedlora.ops.weights import data_weights
-from fedlora.train.client import ClientState, start_delta
 from fedlora.train.evaluate import heldout_loss
 
 from tests.conftest import rel_err
@@ -39,28 +38,36 @@ def test_fit_trains_reads_back_and_restores_the_base(tiny_llama, gen):
     pristine = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
     m = build_method("flora", Setup(shapes, {0: 2, 1: 3}, {0: 2.0, 1: 2.0}, dtype=torch.float64))
     data = _examples(12, gen)
-    states = {0: ClientState(), 1: ClientState()}
     updates = []
     for k in (0, 1):
-        update, stats = trainer.fit(m.plan(k, 1), states[k], data)
+        update, stats = trainer.fit(m.plan(k, 1), data)
         assert stats.steps == 3 and stats.real_tokens > 0 and 0 <= stats.padded_fraction < 0.5
         assert all(f.B.shape == (shapes[n][0], 2 + k) and torch.count_nonzero(f.B) > 0 for n, f in update.factors.items())
         updates.append(update)
     assert all(torch.equal(pristine[n], p) for n, p in trainer.host.model.state_dict().items())
     m.aggregate(updates, data_weights([12, 12]), 1)
-    # round 2: the client trains on W_0 + stack; the host folds it and restores afterwards
+    # round 2: the plan brings the model's base to version 1, W_0 + the stack, once; training leaves it there
     plan = m.plan(0, 2)
-    update, _ = trainer.fit(plan, states[0], data)
-    assert states[0].version == 1 and len(start_delta(states[0], plan)["model.layers.0.self_attn.q_proj"]) == 1
-    assert all(torch.equal(pristine[n], p) for n, p in trainer.host.model.state_dict().items())
+    assert plan.base is not None and (plan.base.since, plan.base.version) == (0, 1)
+    update, _ = trainer.fit(plan, data)
+    assert trainer.host.version == 1
+    merged = m.global_delta()
+    for n, p in trainer.host.model.state_dict().items():
+        layer = n.removesuffix(".weight")
+        if layer in merged:
+            assert rel_err(p, pristine[n] + sum(t.dense() for t in merged[layer])) < 1e-12, n
+        else:
+            assert torch.equal(pristine[n], p), n
+    trainer.fit(m.plan(1, 2), data)  # another client of round 2: the same base, nothing applied again
+    assert trainer.host.version == 1
 
 
 def test_fit_is_reproducible_for_a_seed(tiny_llama, gen):
     trainer, shapes = _trainer(tiny_llama)
     m = build_method("flora", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
     data = _examples(8, gen)
-    a, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
-    b, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
+    a, _ = trainer.fit(m.plan(0, 1), data)
+    b, _ = trainer.fit(m.plan(0, 1), data)
     name = next(iter(a.factors))
     assert torch.equal(a.factors[name].B, b.factors[name].B) and torch.equal(a.factors[name].A, b.factors[name].A)
 
@@ -69,8 +76,7 @@ def test_fedit_client_starts_from_the_global_model_and_training_lowers_loss(tiny
     trainer, shapes = _trainer(tiny_llama)
     m = build_method("fedit", Setup(shapes, {0: 4, 1: 4}, {0: 2.0, 1: 2.0}, dtype=torch.float64))
     data = _examples(16, gen)
-    states = {0: ClientState(), 1: ClientState()}
-    ups = [trainer.fit(m.plan(k, 1), states[k], data)[0] for k in (0, 1)]
+    ups = [trainer.fit(m.plan(k, 1), data)[0] for k in (0, 1)]
     m.aggregate(ups, [0.5, 0.5], 1)
     host = trainer.host
     host.set_delta(m.global_delta())
@@ -89,7 +95,7 @@ def test_frozen_A_stays_fixed(tiny_llama, gen):
     m = build_method("fedit", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
     plan = m.plan(0, 1)
     plan.train_A = False
-    update, _ = trainer.fit(plan, ClientState(), _examples(8, gen))
+    update, _ = trainer.fit(plan, _examples(8, gen))
     for n, f in update.factors.items():
         assert rel_err(f.A.double(), plan.init[n].A.double()) < 1e-7
         assert torch.count_nonzero(f.B) > 0
@@ -101,7 +107,7 @@ def test_rank_pattern_gives_layers_their_own_rank(tiny_llama, gen):
     m = build_method("flora", setup)
     plan = m.plan(0, 1)
     assert plan.rank == 2 and set(plan.rank_pattern) == {n for n in shapes if n.endswith("v_proj")}
-    update, _ = trainer.fit(plan, ClientState(), _examples(8, gen))
+    update, _ = trainer.fit(plan, _examples(8, gen))
     for n, f in update.factors.items():
         assert f.rank == (5 if n.endswith("v_proj") else 2)
 
@@ -116,8 +122,8 @@ def test_regularizer_enters_the_gradient(tiny_llama, gen):
         calls.append(len(live))
         return 1e3 * sum(A.pow(2).sum() for _, A in live.values())
 
-    plain, _ = trainer.fit(m.plan(0, 1), ClientState(), data)
-    shrunk, _ = trainer.fit(m.plan(0, 1), ClientState(), data, regularizer=shrink_A)
+    plain, _ = trainer.fit(m.plan(0, 1), data)
+    shrunk, _ = trainer.fit(m.plan(0, 1), data, regularizer=shrink_A)
     assert calls == [len(shapes)] * 3  # once per optimizer step, over every adapted layer
     norm = lambda u: sum(float(f.A.norm()) for f in u.factors.values())  # noqa: E731
     assert norm(shrunk) < norm(plain)
@@ -157,7 +163,7 @@ def test_adalora_training_reduces_the_rank(tiny_llama, gen):
     cfg = TrainCfg(local_steps=4, batch_size=4, micro_batch_size=4, lr=1e-2)
     trainer = LocalTrainer(host, cfg, TARGETS, 0, torch.device("cpu"), 0, adalora_target=0.5)
     m = build_method("flora", Setup(shapes, {0: 4}, {0: 2.0}))
-    update, stats = trainer.fit(m.plan(0, 1), ClientState(), _examples(16, gen))
+    update, stats = trainer.fit(m.plan(0, 1), _examples(16, gen))
     total = sum(f.rank for f in update.factors.values())
     assert total <= 2 * len(shapes) < 4 * len(shapes)  # budget: average rank 2 of 4
     assert all(torch.isfinite(f.A).all() for f in update.factors.values())

@@ -3,7 +3,7 @@
 ``query`` answers the server's roll call (partition id, partition count, declared rank: the
 server cannot read node config). ``train`` decodes the plan, runs the method's client hooks
 around ``LocalTrainer.fit`` (client_prepare → catch_up + train with client_regularizer →
-client_finish), stores the client's base on node-local disk (a fresh process serves every
+client_finish), stores the client's base (D_v, bounded) on node-local disk (a fresh process serves every
 message) and replies with the update, its partition id and rank.
 
 Node config: ``partition-id``, ``num-partitions``, optional ``rank``, ``data-path``, ``state-dir``.
@@ -58,10 +58,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(rt.cfg.seed)
     plan = client_prepare(rt.method, sent)
     folder = state_dir(node.state_root, context.run_id, node.partition)
-    state = load_state(folder)
-    update, stats = rt.trainer.fit(plan, state, rt.train, regularizer=client_regularizer(rt.method, plan))
+    rt.trainer.host.load_base(*load_state(folder))
+    update, stats = rt.trainer.fit(plan, rt.train, regularizer=client_regularizer(rt.method, plan))
     update = client_finish(rt.method, plan, update)
-    save_state(folder, state)  # before replying: the server may count on this base next round
+    save_state(folder, *rt.trainer.host.base_state())  # before replying: the server may count on this base next round
     t_fit = time.time()
     timing = {"startup-s": t0 - _process_start(), "load-s": t_loaded - t0, "fit-s": t_fit - t_loaded}
     log(INFO, "partition %d round %d: rank %d, %d examples, loss %.4f; %s", node.partition, plan.round, plan.rank,

@@ -1,12 +1,13 @@
 """ClientPlan / ClientUpdate ↔ Flower records: the whole wire format, pure (no network).
 
 A plan travels as a ``RecordDict`` with
-- ``plan`` (ConfigRecord): client, round, rank, scale, rank_pattern (JSON string), base_version,
-  the number of base updates, whether ``init`` is set, train_A, the wire dtype, plain-number
-  meta as ``meta/<key>``;
-- ``plan.arrays`` (ArrayRecord): ``init/<layer>/B|A``, ``base/<i>/<layer>/<j>/B|A`` (the i-th
-  missed merge, its j-th term), ``fold/<layer>/<j>/B|A``, tensor meta as ``meta/<key>``, the
-  dense task head (classification) as ``head/<parameter>``.
+- ``plan`` (ConfigRecord): client, round, rank, scale, rank_pattern (JSON string), the base
+  update's versions (``base`` as JSON ``[since, version]``, or empty), whether ``init`` is set,
+  train_A, the wire dtype, plain-number meta as ``meta/<key>``;
+- ``plan.arrays`` (ArrayRecord): ``init/<layer>/B|A``, ``merges/<layer>/<j>/…`` (the j-th merge
+  the client missed) or ``reset/<layer>/<j>/…`` (the layer's whole base delta), ``fold/<layer>/<j>/…``,
+  where a term is ``B`` and ``A`` or one dense ``W``; tensor meta as ``meta/<key>``, the dense
+  task head (classification) as ``head/<parameter>``.
 
 An update travels as
 - ``update`` (ConfigRecord): client (the partition id), node rank, scale, whether A is sent,
@@ -32,8 +33,8 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors
-from fedlora.ops.lowrank import LowRank
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Delta, Factors
+from fedlora.ops.lowrank import Dense, LowRank
 
 RAW = "fedlora.raw-le"
 """Array.stype of a tensor's raw little-endian bytes (dtype and shape in the Array fields)."""
@@ -133,12 +134,15 @@ def _get_head(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _put_delta(prefix: str, delta: Delta, arrays: ArrayRecord, wire: torch.dtype) -> None:
     for layer, terms in delta.items():
         for j, term in enumerate(terms):
-            arrays[f"{prefix}/{layer}/{j}/B"] = to_array(term.B, wire)
-            arrays[f"{prefix}/{layer}/{j}/A"] = to_array(term.A, wire)
+            if isinstance(term, Dense):
+                arrays[f"{prefix}/{layer}/{j}/W"] = to_array(term.W, wire)
+            else:
+                arrays[f"{prefix}/{layer}/{j}/B"] = to_array(term.B, wire)
+                arrays[f"{prefix}/{layer}/{j}/A"] = to_array(term.A, wire)
 
 
 def _get_delta(tensors: Mapping[str, torch.Tensor], prefix: str) -> Delta:
-    """``<prefix>/<layer>/<j>/B|A`` → {layer: [LowRank_0, LowRank_1, …]} (layers in key order)."""
+    """``<prefix>/<layer>/<j>/B|A`` (or ``/W``) → {layer: [term_0, term_1, …]} (layers in key order)."""
     found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         if not key.startswith(prefix + "/"):
@@ -147,9 +151,9 @@ def _get_delta(tensors: Mapping[str, torch.Tensor], prefix: str) -> Delta:
         found.setdefault(layer, {}).setdefault(int(j), {})[which] = t
     delta: Delta = {}
     for layer, terms in found.items():
-        if sorted(terms) != list(range(len(terms))) or any(set(t) != {"A", "B"} for t in terms.values()):
+        if sorted(terms) != list(range(len(terms))) or any(set(t) not in ({"A", "B"}, {"W"}) for t in terms.values()):
             raise WireError(f"{prefix}/{layer}: incomplete low-rank terms {sorted(terms)}")
-        delta[layer] = [LowRank(terms[j]["B"], terms[j]["A"]) for j in range(len(terms))]
+        delta[layer] = [Dense(t["W"]) if "W" in t else LowRank(t["B"], t["A"]) for t in (terms[j] for j in range(len(terms)))]
     return delta
 
 
@@ -175,14 +179,15 @@ def plan_to_records(plan: ClientPlan, wire: str = "float32") -> RecordDict:
     arrays = ArrayRecord()
     config = ConfigRecord({
         "client": plan.client, "round": plan.round, "rank": plan.rank, "scale": float(plan.scale),
-        "rank_pattern": json.dumps(plan.rank_pattern), "base_version": plan.base_version,
-        "base_updates": len(plan.base_updates), "has_init": plan.init is not None, "train_A": plan.train_A, "wire_dtype": wire,
+        "rank_pattern": json.dumps(plan.rank_pattern), "base": json.dumps([plan.base.since, plan.base.version] if plan.base else []),
+        "has_init": plan.init is not None, "train_A": plan.train_A, "wire_dtype": wire,
     })
     for layer, f in (plan.init or {}).items():
         arrays[f"init/{layer}/B"] = to_array(f.B, dt)
         arrays[f"init/{layer}/A"] = to_array(f.A, dt)
-    for i, delta in enumerate(plan.base_updates):
-        _put_delta(f"base/{i}", delta, arrays, dt)
+    if plan.base is not None:
+        _put_delta("merges", plan.base.merges, arrays, dt)
+        _put_delta("reset", plan.base.reset, arrays, dt)
     _put_delta("fold", plan.fold, arrays, dt)
     _put_meta(plan.meta, arrays, config, dt)
     _put_head(plan.head, arrays, dt)
@@ -196,12 +201,13 @@ def records_to_plan(content: RecordDict) -> ClientPlan:
         raise WireError(f"not a fedlora plan: no record {e}") from None
     tensors = {k: from_array(a) for k, a in arrays.items()}
     init = _get_factors(tensors, "init") if config["has_init"] else None
+    versions = json.loads(str(config["base"]))
+    base = BaseUpdate(int(versions[0]), int(versions[1]), _get_delta(tensors, "merges"), _get_delta(tensors, "reset")) if versions else None
     return ClientPlan(
         client=int(config["client"]), round=int(config["round"]), rank=int(config["rank"]), scale=float(config["scale"]),
         rank_pattern={k: int(v) for k, v in json.loads(str(config["rank_pattern"])).items()},
         init=init,
-        base_updates=[_get_delta(tensors, f"base/{i}") for i in range(int(config["base_updates"]))],
-        base_version=int(config["base_version"]),
+        base=base,
         fold=_get_delta(tensors, "fold"),
         train_A=bool(config["train_A"]),
         meta=_get_meta(tensors, config),

@@ -51,7 +51,7 @@ def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path
         raise ConfigError(f"node config: num-partitions={num_partitions} but federation.num_clients={cfg.federation.num_clients} (accepted: equal)")
     if data_path is None:
         exp = prepare(cfg)
-        pooled = getattr(exp.method, "pooled", False)
+        pooled = exp.method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
         return ClientRuntime(cfg, exp.method, exp.trainer, train)
     exp = prepare(own_data_config(cfg, partition, data_path))

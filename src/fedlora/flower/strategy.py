@@ -7,7 +7,8 @@
 - clients: client_prepare, catch_up + train (client_regularizer), client_finish (ClientApp);
 - ``aggregate_train``: decode the updates (in sampled order), then the simulator's own server
   half of a round (``sim/server_round.finish_round``: validate and fold in each reply, then
-  commit → heads → diagnostics), from the server's mirror of every client's base;
+  commit → heads → diagnostics); every client trained on the current base, which the plan
+  brought it to;
 - ``evaluate`` (Strategy.start's ``evaluate_fn``): the simulator's evaluation, then the round's
   line in metrics.jsonl.
 
@@ -25,6 +26,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -34,10 +36,10 @@ from fedlora.flower.client_app import RUN
 from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
 from fedlora.methods.base import ClientPlan, Delta, client_prepare
+from fedlora.ops.lowrank import Dense
 from fedlora.sim.experiment import Experiment
 from fedlora.sim.federation import Simulation, sample_clients
-from fedlora.sim.server_round import Arrival, RoundFailed, finish_round
-from fedlora.train.client import start_delta
+from fedlora.sim.server_round import Arrival, RoundFailed, finish_round, start_of
 
 __all__ = ["FedLoraStrategy", "RoundFailed"]
 
@@ -63,7 +65,7 @@ class FedLoraStrategy(Strategy):
     def __init__(self, exp: Experiment, roster: Roster, cfg_text: str, record: Callable[[dict[str, Any]], None],
                  roll_call_timeout: float = 60.0, checkpoints: Path | None = None) -> None:
         self.exp, self.roster, self.cfg_text, self.record = exp, roster, cfg_text, record
-        self.sim = Simulation(exp)  # evaluate() and the server's mirror of each client's base (sim.states)
+        self.sim = Simulation(exp)  # evaluate(), on the server's model at the method's current base
         self.roll_call_timeout, self.checkpoints = roll_call_timeout, checkpoints
         self.wire = exp.cfg.federation.wire_dtype
         self.round: _Round | None = None
@@ -80,7 +82,7 @@ class FedLoraStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         exp, fed = self.exp, self.exp.cfg.federation
         self.roster.call(grid, self.roll_call_timeout)  # nodes that (re)connected since the last round
-        pooled = getattr(exp.method, "pooled", False)
+        pooled = exp.method.pooled
         sampled = [0] if pooled else sample_clients(fed.num_clients, fed.fraction, fed.min_clients, exp.cfg.seed, server_round)
         rnd = _Round(server_round, sampled, exp.method.global_delta(), {k: exp.method.plan(k, server_round) for k in sampled})
         for k in sampled:
@@ -132,17 +134,16 @@ class FedLoraStrategy(Strategy):
             except (WireError, KeyError, TypeError, ValueError, AssertionError) as e:  # malformed records, mismatched factor shapes
                 undecodable.append({"id": k, "reason": f"undecodable reply: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"})
                 continue
-            state = self.sim.states[k]
-            state.catch_up(sent)  # what the client's base now holds (it replied, so it caught up)
             extras = {
                 "padded_fraction": float(stats.get("padded-fraction", 0.0)), "wire_bytes_up": message_nbytes(content),
                 "wire_bytes_down": rnd.wire_down[k], "node": arrived[k].metadata.src_node_id, "node_rank": node_rank,
                 "timing": {key.removesuffix("-s").replace("-", "_") + "_s": v for key, v in stats.items() if key.endswith("-s")},
             }
-            arrivals.append(Arrival(sent, plan, update, start_delta(state, plan), extras))
+            arrivals.append(Arrival(sent, plan, update, start_of(exp.method, plan), extras))  # it replied, so it caught up
         fed = exp.cfg.federation
         entry = finish_round(exp.method, self.sim.bounds, server_round, fed.method, rnd.sampled, fed.min_clients, rnd.before, arrivals,
                              self.sim._aggregate_heads, rejected=undecodable)
+        self.sim.sync_base()
         entry.update({
             "wire_bytes_up": sum(r["wire_bytes_up"] for r in entry["clients"]),
             "wire_bytes_down": sum(rnd.wire_down.values()),  # every plan sent, also to clients lost later
@@ -177,6 +178,7 @@ class FedLoraStrategy(Strategy):
             if server_round % cfg.eval.every == 0 or server_round == cfg.federation.rounds:
                 entry["eval"] = self.sim.evaluate()
             entry["wall_s"] = time.perf_counter() - self.round.t0
+            entry["rss_mb"] = psutil.Process().memory_info().rss / 2**20
         self.record(entry)
         if "eval" not in entry or entry["eval"]["global"]["loss"] is None:
             return None
@@ -184,9 +186,13 @@ class FedLoraStrategy(Strategy):
 
 
 def save_delta(delta: Delta, path: Path) -> None:
-    """G_t − W_0 as its low-rank terms: ``<layer>/<j>/B|A`` in one safetensors file."""
+    """G_t − W_0 as its terms: ``<layer>/<j>/B|A`` (or ``/W`` for a dense one) in one safetensors file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{layer}/{j}/{x}": (t.B if x == "B" else t.A).detach().contiguous().clone() for layer, terms in delta.items() for j, t in enumerate(terms) for x in "BA"}
+    tensors = {}
+    for layer, terms in delta.items():
+        for j, t in enumerate(terms):
+            for key, x in zip("W" if isinstance(t, Dense) else "BA", t.tensors()):
+                tensors[f"{layer}/{j}/{key}"] = x.detach().contiguous().clone()
     save_file(tensors, str(path))

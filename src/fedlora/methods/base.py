@@ -8,17 +8,17 @@ prints or knows about transport (architecture.md §1–2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fedlora.ops.lowrank import LowRank
+from fedlora.ops.lowrank import Term
 
 LayerShapes = Mapping[str, tuple[int, int]]
 """Adapted layer name (base-model module path) → (d_out, d_in)."""
 
-Delta = dict[str, list[LowRank]]
-"""Per layer, low-rank terms whose products sum to a weight delta."""
+Delta = dict[str, list[Term]]
+"""Per layer, terms (low-rank pairs, or a dense matrix) that sum to a weight delta."""
 
 
 @dataclass
@@ -59,11 +59,25 @@ class Setup:
 
 
 @dataclass
+class BaseUpdate:
+    """What brings a client's persistent frozen base from version ``since`` to ``version``.
+
+    Per layer exactly one of: ``merges`` — the merges since+1..version, added in order; or
+    ``reset`` — the whole W_version − W_0, replacing what the client held (methods.md §4).
+    """
+
+    since: int
+    version: int
+    merges: Delta = field(default_factory=dict)
+    reset: Delta = field(default_factory=dict)
+
+
+@dataclass
 class ClientPlan:
     """What the server sends client k for one round.
 
-    - ``base_updates``: weight deltas the client adds, in order, to its persistent frozen base
-      (FLoRA's merged stacks it has not applied yet); after them its base is at ``base_version``.
+    - ``base``: what brings the client's persistent frozen base up to the current version
+      (merging methods; None when it is there already or the method never merges).
     - ``fold``: deltas folded into the frozen weights for this round only (Fed-PLoRA).
     - ``init``: the adapter's starting factors, or None for a fresh PEFT init (B = 0).
     """
@@ -74,8 +88,7 @@ class ClientPlan:
     scale: float
     rank_pattern: dict[str, int] = field(default_factory=dict)  # layers whose rank is not ``rank``
     init: dict[str, Factors] | None = None
-    base_updates: list[Delta] = field(default_factory=list)
-    base_version: int = 0
+    base: BaseUpdate | None = None
     fold: Delta = field(default_factory=dict)
     train_A: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
@@ -99,45 +112,81 @@ Regularizer = Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Ten
 """Extra training loss from the live LoRA parameters: layer → (B, A)."""
 
 
-class Method(Protocol):
+class Method:
     """A heterogeneous-rank aggregation method; stateful like a Flower strategy.
 
-    Optional client-side hooks (run on the client, in the simulator and on Flower alike):
-    ``client_prepare(plan) -> plan`` expands what the wire carries compactly (e.g. a seed);
-    ``client_regularizer(plan) -> Regularizer | None`` adds a training penalty;
-    ``client_finish(plan, update) -> update`` post-processes before upload (e.g. pruning).
-    A method whose aggregate is a weighted sum also folds replies in one at a time
-    (``begin``/``fold``/``commit``, methods/folding.py), so the server need not hold them all.
+    Every capability the round reads is declared here with its default; a method overrides what
+    it has. Client-side hooks run on the client, in the simulator and on Flower alike:
+    ``client_prepare`` expands what the wire carries compactly (e.g. a seed),
+    ``client_regularizer`` adds a training penalty, ``client_finish`` post-processes before upload
+    (e.g. pruning). A method whose aggregate is a weighted sum also folds replies in one at a time
+    (``folds``; ``begin``/``fold``/``commit``, methods/folding.py), so the server need not hold them all.
     """
 
     name: str
     summary: str
+    options: dict = {}
     setup: Setup
-    state_keys: tuple[str, ...]
+    state_keys: tuple[str, ...] = ()
     """Attribute paths of everything ``aggregate`` changes (checkpoint and resume, methods/state.py)."""
 
-    def plan(self, client: int, round: int) -> ClientPlan: ...
+    folds = False  # aggregates reply by reply (begin/fold/commit)
+    pooled = False  # one client trains on every client's data (the centralized reference)
+    personal = False  # no global model: each client is evaluated with ``client_delta``
+    communicates = True  # False: nothing crosses a wire (references); byte counters stay 0
+    min_upload_rank: int | None = None  # None: an upload has exactly the plan's rank; else it may shrink to this
+    modules: int | None = None  # Fed-PLoRA: the number R of one-rank modules per layer, checked on upload
+    merged: Any = None  # a MergedBase when the method merges each round into the frozen base (FLoRA, zero-padding)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None: ...
+    def plan(self, client: int, round: int) -> ClientPlan:
+        raise NotImplementedError
+
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+        raise NotImplementedError
 
     def global_delta(self) -> Delta:
-        """G_t − W_0 per adapted layer, as low-rank terms (evaluation, diagnostics, export)."""
-        ...
+        """G_t − W_0 per adapted layer (evaluation, diagnostics, export)."""
+        raise NotImplementedError
+
+    def base_delta(self) -> Delta:
+        """W_t − W_0: what every client's frozen base holds once its plan brought it up to date."""
+        return self.merged.delta() if self.merged is not None else {}
+
+    def adapter_delta(self) -> Delta:
+        """G_t − W_t: what evaluation adds over the current base."""
+        return {} if self.merged is not None else self.global_delta()
+
+    def client_delta(self, client: int) -> Delta:
+        """Client k's own model (personal methods)."""
+        return self.global_delta()
+
+    def client_prepare(self, plan: ClientPlan) -> ClientPlan:
+        return plan
+
+    def client_regularizer(self, plan: ClientPlan) -> Regularizer | None:
+        return None
+
+    def client_finish(self, plan: ClientPlan, update: ClientUpdate) -> ClientUpdate:
+        return update
+
+    def round_metrics(self, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Method-specific numbers for the round's metrics entry (Fed-PLoRA: module similarity)."""
+        return {}
+
+    def after_load(self) -> None:
+        """Drop caches derived from the state once a checkpoint is loaded."""
 
 
 def client_prepare(method: Method, plan: ClientPlan) -> ClientPlan:
-    hook = getattr(method, "client_prepare", None)
-    return hook(plan) if hook else plan
+    return method.client_prepare(plan)
 
 
 def client_regularizer(method: Method, plan: ClientPlan) -> Regularizer | None:
-    hook = getattr(method, "client_regularizer", None)
-    return hook(plan) if hook else None
+    return method.client_regularizer(plan)
 
 
 def client_finish(method: Method, plan: ClientPlan, update: ClientUpdate) -> ClientUpdate:
-    hook = getattr(method, "client_finish", None)
-    return hook(plan, update) if hook else update
+    return method.client_finish(plan, update)
 
 
 def plan_for_layers(setup: Setup, client: int) -> tuple[int, dict[str, int]]:
@@ -156,10 +205,11 @@ def plan_nbytes(plan: ClientPlan) -> int:
     ts: list[torch.Tensor] = []
     for f in (plan.init or {}).values():
         ts += [f.B, f.A]
-    for delta in [*plan.base_updates, plan.fold]:
+    base = [plan.base.merges, plan.base.reset] if plan.base else []
+    for delta in [*base, plan.fold]:
         for terms in delta.values():
             for t in terms:
-                ts += [t.B, t.A]
+                ts += t.tensors()
     return tensors_nbytes([*ts, *plan.head.values()]) + _meta_nbytes(plan.meta)
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 
 
-class Centralized:
+class Centralized(Method):
     name = "centralized"
     summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
     options: dict = {}

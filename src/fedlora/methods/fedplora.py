@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.methods.similarity import module_similarity
 
 
-class FedPLoRA:
+class FedPLoRA(Method):
     name = "fedplora"
     summary = "R parallel one-rank modules; each client trains r_k of them and folds the rest (zero init noise)."
 
@@ -64,7 +65,7 @@ class FedPLoRA:
                 f"(accepted: an integer >= max lora.ranks = {max_rank}, or 0 for max lora.ranks)"
             )
         self.setup = setup
-        self.R = int(modules) or max_rank
+        self.R = self.modules = int(modules) or max_rank
         self.scale = scales[0]
         self.random = opts["selection"] == "random"
         self.uniform = opts["weights"] == "uniform"
@@ -142,6 +143,10 @@ class FedPLoRA:
         if K.dim() != 1 or ranks != {K.numel()} or K.unique().numel() != K.numel() or bool(((K < 0) | (K >= self.R)).any()):
             raise ValueError(f"client {update.client}: module indices {K.tolist()} do not fit factor ranks {sorted(ranks)} and R = {self.R}")
         return K
+
+    def round_metrics(self, updates: list[ClientUpdate]) -> dict:
+        """How alike the clients' modules of the same and of different indices are (the paper's Figure 2)."""
+        return {"module_similarity": module_similarity(updates)}
 
     def global_delta(self) -> Delta:
         """s Σ_j b_j a_jᵀ = s B_g A_g per layer."""

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, plan_for_layers
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
 
 
-class FlexLoRA:
+class FlexLoRA(Method):
     name = "flexlora"
     summary = "Average s_k B_k A_k exactly; each client restarts from the rank-r_k truncated SVD of that global update."
 

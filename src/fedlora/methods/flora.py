@@ -4,10 +4,12 @@ Server: A_stack = [s_1 p_1 A_1; …; s_K p_K A_K] (Σr_k × d_in), B_stack = [B_
 (d_out × Σr_k), same client order, so B_stack A_stack = Σ p_k s_k B_k A_k exactly. The stack
 is merged into every client's frozen base, and each round starts fresh adapters on it.
 
-The server keeps the per-round stacks: a client that skipped rounds receives every stack it
-missed, in order, before it trains (partial participation), and that counts in its downlink.
-A stack wider than its layer (Σr_k > min(d_out, d_in), many clients on a small model) is kept
-as the same matrix at rank min(d_out, d_in), by a float64 thin SVD (``within_layer_rank``).
+The merged base lives in a ``MergedBase``, bounded in the number of rounds (methods.md §4): a
+client that skipped rounds is sent the merges it missed or, once that is the larger message,
+the whole G_t − W_0, before it trains (partial participation), and that counts in its downlink.
+While a round's replies fold in, a stack wider than twice its layer's rank is compressed by a
+float64 thin SVD (``within_layer_rank``); the merge is kept and sent in whichever of the
+low-rank and dense forms is smaller (``smallest_form``: dense once Σr_k (d_out + d_in) ≥ d_out d_in).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.ops.lowrank import LowRank, stack, within_layer_rank
+from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
 
 
 class FLoRA(Folds):
@@ -28,17 +30,17 @@ class FLoRA(Folds):
         "scaling": Option(1.0, "multiplier c on every p_k (the paper's scaling-factor study); c ≠ 1 is inexact by |c − 1|", low=0.0),
     }
 
-    state_keys = ("base.history", "base.synced")
+    state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.uniform = opts["weights"] == "uniform"
         self.scaling = float(opts["scaling"])
-        self.base = MergedBase(setup.layers)
+        self.merged = MergedBase(setup.layers, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:
-        return self.base.fresh_plan(self.setup, client, round)
+        return self.merged.fresh_plan(self.setup, client, round)
 
     def begin(self, round: int) -> Sum:
         return Sum(round, {name: [] for name in self.setup.layers})
@@ -56,11 +58,11 @@ class FLoRA(Folds):
     def commit(self, acc: Sum) -> None:
         """Merge Σ_k w_k s_k c B_k A_k / Σ_k w_k, one stack (d_out × Σr_k)(Σr_k × d_in) per layer."""
         norm = acc.norm()
-        merged: Delta = {}
+        merged = {}
         for name, pending in acc.layers.items():
             t = within_layer_rank(stack(pending))
-            merged[name] = [t if norm == 1.0 else LowRank(t.B, t.A * norm)]
-        self.base.merge(merged, acc.clients)
+            merged[name] = smallest_form(t if norm == 1.0 else LowRank(t.B, t.A * norm))
+        self.merged.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:
-        return self.base.delta()
+        return self.merged.delta()

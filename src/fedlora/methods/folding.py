@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedlora.methods.base import ClientUpdate, Setup
+from fedlora.methods.base import ClientUpdate, Method, Setup
 
 
 @dataclass
@@ -41,8 +41,8 @@ class Sum:
         return 1.0 / self.total
 
 
-class Folds:
-    """Mixin: ``aggregate`` as begin → fold every update → commit."""
+class Folds(Method):
+    """A method that aggregates as begin → fold every update → commit."""
 
     folds = True
 
@@ -79,6 +79,3 @@ def add_weighted(sums: dict[str, torch.Tensor], key: str, t: torch.Tensor, weigh
     else:
         sums[key] = t.to(dtype or t.dtype) * float(weight)
 
-
-def folds(method: object) -> bool:
-    return bool(getattr(method, "folds", False))

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Regularizer, Setup
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Regularizer, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, padded_sum, seeded_generator, truncate
@@ -72,7 +72,7 @@ def _float64(factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, to
     return {n: (f.B.double(), f.A.double()) for n, f in factors.items()}
 
 
-class HetLoRA:
+class HetLoRA(Method):
     name = "hetlora"
     summary = "Truncate a global rank-R LoRA to r_k, tail-regularise and self-prune, zero-pad and norm-weight the average."
 
@@ -84,13 +84,13 @@ class HetLoRA:
     }
 
     state_keys = ("glob", "rank", "layer_ranks", "last_weights")
-    prunes = True  # a client's upload may have a lower rank than its plan (self-pruning), never a higher one
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.gamma, self.reg, self.r_min = float(opts["gamma"]), float(opts["reg"]), int(opts["r_min"])
         self.by_norm = opts["weights"] == "norm"
+        self.min_upload_rank = self.r_min  # self-pruning: an upload may have a lower rank than its plan, never a higher one
         smallest = min(setup.rank_of(k, n) for k in setup.ranks for n in setup.layers)
         if self.r_min > smallest:
             raise MethodError(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, plan_for_layers
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 
 
-class LocalOnly:
+class LocalOnly(Method):
     name = "local"
     summary = "Reference: each client trains its own rank-r_k LoRA on its own data; no communication."
     options: dict = {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedlora.methods.base import Factors, Method
-from fedlora.ops.lowrank import LowRank
+from fedlora.ops.lowrank import Dense, LowRank
 
 Tensors = dict[str, torch.Tensor]
 
@@ -32,6 +32,8 @@ def pack(obj: Any, tensors: Tensors, memo: dict[int, str] | None = None) -> Any:
         return {"tensor": memo[id(obj)]}
     if isinstance(obj, (LowRank, Factors)):
         return {type(obj).__name__: [pack(obj.B, tensors, memo), pack(obj.A, tensors, memo)]}
+    if isinstance(obj, Dense):
+        return {"Dense": pack(obj.W, tensors, memo)}
     if isinstance(obj, dict):
         return {"dict": [[k, pack(v, tensors, memo)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
@@ -50,6 +52,8 @@ def unpack(skeleton: Any, tensors: Tensors, memo: dict[str, torch.Tensor] | None
     if kind in ("LowRank", "Factors"):
         B, A = (unpack(x, tensors, memo) for x in body)
         return LowRank(B, A) if kind == "LowRank" else Factors(B, A)
+    if kind == "Dense":
+        return Dense(unpack(body, tensors, memo))
     if kind == "dict":
         return {k: unpack(v, tensors, memo) for k, v in body}
     if kind == "list":
@@ -71,9 +75,7 @@ def load_state(method: Method, state: dict[str, Any]) -> None:
     for path, value in state.items():
         owner, _, attr = path.rpartition(".")
         setattr(operator.attrgetter(owner)(method) if owner else method, attr, value)
-    reset = getattr(method, "after_load", None)
-    if reset:
-        reset()
+    method.after_load()
 
 
 def state_dict(method: Method) -> tuple[Tensors, dict[str, Any]]:

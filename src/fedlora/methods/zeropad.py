@@ -11,8 +11,8 @@ separately and merges the product into the base:
 Padding alone changes nothing (pad(B) pad(A) = B A), but the product of the means holds the
 cross-client terms Σ_{j≠k} p_j p_k s_j pad(B_j) pad(A_k), so unlike FLoRA the merge is not
 Σ p_k s_k B_k A_k; with equal ranks and scales it is FedIT's s·B̄Ā (methods.md §1, §3 item 6).
-The per-round merges live in a MergedBase, so partial participation works exactly as in FLoRA:
-a client that skipped rounds receives every (d_out × R, R × d_in) merge it missed.
+The merged base lives in a MergedBase, so partial participation works exactly as in FLoRA: a
+client that skipped rounds receives the merges it missed or, when cheaper, the whole G_t − W_0.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank
+from fedlora.ops.lowrank import LowRank, smallest_form
 
 
 class ZeroPad(Folds):
@@ -34,18 +34,18 @@ class ZeroPad(Folds):
         "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
     }
 
-    state_keys = ("base.history", "base.synced")
+    state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.uniform = opts["weights"] == "uniform"
-        self.base = MergedBase(setup.layers)
+        self.merged = MergedBase(setup.layers, setup.dtype)
         # R per layer: the largest rank any client of the setup trains on that layer
         self.max_rank: dict[str, int] = {name: max(setup.rank_of(k, name) for k in setup.ranks) for name in setup.layers}
 
     def plan(self, client: int, round: int) -> ClientPlan:
-        return self.base.fresh_plan(self.setup, client, round)
+        return self.merged.fresh_plan(self.setup, client, round)
 
     def begin(self, round: int) -> Sum:
         return Sum(round)
@@ -65,8 +65,8 @@ class ZeroPad(Folds):
     def commit(self, acc: Sum) -> None:
         """Merge B̄Ā with B̄ = Σ w_k pad(s_k B_k) / Σ w_k, Ā = Σ w_k pad(A_k) / Σ w_k."""
         norm = acc.norm()
-        merged: Delta = {name: [LowRank(B.mul_(norm), A.mul_(norm))] for name, (B, A) in acc.layers.items()}
-        self.base.merge(merged, acc.clients)
+        merged = {name: smallest_form(LowRank(B.mul_(norm), A.mul_(norm))) for name, (B, A) in acc.layers.items()}
+        self.merged.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:
-        return self.base.delta()
+        return self.merged.delta()

@@ -16,8 +16,8 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from fedlora.methods.base import Delta, Factors
-from fedlora.ops.lowrank import fold_terms
+from fedlora.methods.base import BaseUpdate, Delta, Factors
+from fedlora.ops.lowrank import accumulate, accumulation_dtype
 
 ADAPTER = "default"
 
@@ -33,7 +33,14 @@ class AdaLoraSpec:
 
 
 class AdapterHost:
-    """Owns the base model and a pristine copy of its target weights."""
+    """Owns the base model, a pristine copy of its target weights W_0 and its merged base.
+
+    The frozen base is W_v = W_0 + D_v, D_v the merges of a merging method (FLoRA, zero-padding)
+    up to version v, accumulated in float32 or better on the model's device, each merge added
+    once and in the same order as the server adds it (``ops.lowrank.accumulate``), so D_v has
+    the server's bits on one device. ``set_delta`` folds a delta over the base for one client or
+    one evaluation; ``restore`` goes back to W_v by copying, never by subtracting.
+    """
 
     def __init__(self, model: torch.nn.Module, layer_names: list[str], head_modules: list[str] | None = None) -> None:
         self.model = model
@@ -41,6 +48,8 @@ class AdapterHost:
         modules = dict(model.named_modules())
         self._linears = {n: modules[n] for n in self.layer_names}
         self._pristine = {n: m.weight.detach().clone() for n, m in self._linears.items()}
+        self._base: dict[str, torch.Tensor] = {}  # D_v per layer; empty while the base is W_0
+        self.version = 0
         # a task head (e.g. a classifier) trained densely by every client; PEFT's wrapping keeps these objects
         self._head = {f"{m}.{p}": t for m in head_modules or [] for p, t in modules[m].named_parameters()}
 
@@ -58,15 +67,51 @@ class AdapterHost:
                 p.requires_grad_(trainable)
 
     def set_delta(self, delta: Delta) -> None:
-        """Target weights := W_0 + Σ delta (layers absent from delta get W_0)."""
+        """Target weights := W_v + Σ delta (layers absent from delta get W_v), W_v the current base."""
         with torch.no_grad():
             for name, linear in self._linears.items():
-                w0 = self._pristine[name]
-                terms = delta.get(name, [])
-                linear.weight.copy_(w0 + fold_terms(terms, w0) if terms else w0)
+                w0, base, terms = self._pristine[name], self._base.get(name), delta.get(name, [])
+                if base is None and not terms:
+                    linear.weight.copy_(w0)
+                    continue
+                acc = base.clone() if base is not None else torch.zeros(w0.shape, dtype=accumulation_dtype(w0.dtype), device=w0.device)
+                for t in terms:
+                    accumulate(acc, t)
+                linear.weight.copy_(w0 + acc.to(w0.dtype))
 
     def restore(self) -> None:
+        """Target weights := W_v, the current base."""
         self.set_delta({})
+
+    def catch_up(self, update: BaseUpdate | None) -> None:
+        """Bring the base to the update's version: add each merge once, in place; a reset layer starts from W_0."""
+        if update is None or update.version == self.version:
+            return
+        if update.since != self.version:
+            raise RuntimeError(f"model base at version {self.version}, the update brings {update.since} to {update.version}")
+        with torch.no_grad():
+            for name, terms in [*update.reset.items(), *update.merges.items()]:
+                w0 = self._pristine[name]
+                if name in update.reset or name not in self._base:
+                    self._base[name] = torch.zeros(w0.shape, dtype=accumulation_dtype(w0.dtype), device=w0.device)
+                for t in terms:
+                    accumulate(self._base[name], t)
+        self.version = update.version
+        self.restore()
+
+    def base_state(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(v, D_v per layer): what a node keeps between rounds (bounded: the adapted layers' size)."""
+        return self.version, dict(self._base)
+
+    def reset_base(self) -> None:
+        """Back to W_0 at version 0 (another run on the same model)."""
+        self.load_base(0, {})
+
+    def load_base(self, version: int, base: dict[str, torch.Tensor]) -> None:
+        """Put a kept base back (``base_state`` of an earlier process)."""
+        self._base = {n: t.to(self._pristine[n].device) for n, t in base.items()}
+        self.version = version
+        self.restore()
 
     @contextmanager
     def adapter(

@@ -2,7 +2,8 @@
 
 Conventions (methods.md §0): for one adapted linear layer with weight W (d_out × d_in),
 a low-rank term is a pair (B, A) with B: (d_out × r) and A: (r × d_in) whose product B @ A
-is added to W. Any scale is already folded into the pair.
+is added to W. Any scale is already folded into the pair. A weight delta whose low-rank form
+would be larger than the matrix itself is a ``Dense`` term (methods.md §4); ``Term`` is either.
 """
 
 from __future__ import annotations
@@ -38,10 +39,100 @@ class LowRank:
     def to(self, dtype: torch.dtype) -> "LowRank":
         return LowRank(self.B.to(dtype), self.A.to(dtype))
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Numbers held: r (d_out + d_in)."""
+        return self.rank * (self.B.shape[0] + self.A.shape[1])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.B, self.A
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A weight delta held as the d_out × d_in matrix: smaller than any low-rank form of rank ≥ d_out d_in / (d_out + d_in)."""
+
+    W: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.W.dim() == 2, "a dense delta is a matrix"
+
+    @property
+    def rank(self) -> int:
+        """The bound min(d_out, d_in): what it counts for in a sum of ranks."""
+        return min(self.W.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.W.shape[0], self.W.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.W.numel()
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+    def to(self, dtype: torch.dtype) -> "Dense":
+        return Dense(self.W.to(dtype))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.W,)
+
+
+Term = LowRank | Dense
+
+
+def dense_size(shape: tuple[int, int]) -> int:
+    return shape[0] * shape[1]
+
+
+def accumulate(out: torch.Tensor, term: Term, alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha · term, in place, in out's dtype and device (the one way every copy of a base adds a merge)."""
+    if isinstance(term, Dense):
+        return out.add_(term.W.to(out.device, out.dtype), alpha=alpha)
+    return out.addmm_(term.B.to(out.device, out.dtype), term.A.to(out.device, out.dtype), alpha=alpha)
+
+
+def densify(terms: Sequence[Term], shape: tuple[int, int], dtype: torch.dtype) -> Dense:
+    """Σ terms as one dense matrix, added in order from zero (so every holder of the same terms gets the same bits)."""
+    out = torch.zeros(shape, dtype=dtype, device=terms[0].tensors()[0].device if terms else None)
+    for t in terms:
+        accumulate(out, t)
+    return Dense(out)
+
+
+def smallest_form(term: Term) -> Term:
+    """The same delta in whichever of the low-rank and dense forms holds fewer numbers."""
+    if isinstance(term, LowRank) and term.size >= dense_size(term.shape):
+        return Dense(term.B @ term.A)
+    return term
+
+
+def add_term(terms: list[Term], term: Term) -> list[Term]:
+    """The terms of a sum with one more added, held in bounded form (methods.md §4).
+
+    Low-rank terms are kept side by side while together they hold fewer numbers than the
+    matrix; from then on the sum is one ``Dense`` matrix, and each new term is added to a copy
+    of it (the old list stays valid: diagnostics compare the sums before and after a round).
+    """
+    if terms and isinstance(terms[0], Dense):
+        return [Dense(accumulate(terms[0].W.clone(), term))]
+    new = [*terms, term]
+    shape = term.shape
+    if sum(t.size for t in new) >= dense_size(shape):
+        return [densify(new, shape, accumulation_dtype(term.tensors()[0].dtype))]
+    return new
+
 
 def stack(terms: Sequence[LowRank]) -> LowRank:
     """One pair whose product is the sum of the terms' products: [B_1 … B_K] @ [A_1; …; A_K]."""
     assert terms, "stack needs at least one term"
+    assert all(isinstance(t, LowRank) for t in terms), "a dense term has no factors to stack"
     return LowRank(torch.cat([t.B for t in terms], dim=1), torch.cat([t.A for t in terms], dim=0))
 
 
@@ -96,6 +187,8 @@ def frob_norm(terms: Sequence[LowRank]) -> float:
     """
     if not terms:
         return 0.0
+    if any(isinstance(t, Dense) for t in terms):
+        return float(torch.linalg.matrix_norm(densify(terms, terms[0].shape, terms[0].tensors()[0].dtype).W))
     s = stack(terms)
     if s.rank >= min(s.B.shape[0], s.A.shape[1]):  # no saving left: the dense form is cheaper
         return float(torch.linalg.matrix_norm(s.B @ s.A))
@@ -113,12 +206,16 @@ def frob_norm_gram(terms: Sequence[LowRank]) -> float:
     return float(((s.B.T @ s.B) * (s.A @ s.A.T).T).double().sum().clamp_min(0.0).sqrt())
 
 
-def fold_terms(terms: Sequence[LowRank], like: torch.Tensor) -> torch.Tensor:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or better: sums of weight deltas are never accumulated in bfloat16/float16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fold_terms(terms: Sequence[Term], like: torch.Tensor) -> torch.Tensor:
     """Dense Σ_i B_i A_i in ``like``'s dtype and device, accumulated in float32 or better."""
-    acc_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    out = torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
+    out = torch.zeros(like.shape, dtype=accumulation_dtype(like.dtype), device=like.device)
     for t in terms:
-        out += t.B.to(like.device, acc_dtype) @ t.A.to(like.device, acc_dtype)
+        accumulate(out, t)
     return out.to(like.dtype)
 
 
@@ -141,8 +238,12 @@ def lowrank_svd(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor, t
 
     With B = [B_1 …] = Q_B R_B and Aᵀ = Q_A R_A: BA = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the SVD of the
     small core R_B R_Aᵀ = U_c S V_cᵀ gives U = Q_B U_c, V = Q_A V_c. Shapes: U (d_out × k),
-    S (k,), Vh (k × d_in), k = min(Σr, d_out, d_in).
+    S (k,), Vh (k × d_in), k = min(Σr, d_out, d_in). A sum holding a dense term is
+    decomposed densely: it is no larger than its matrix.
     """
+    if any(isinstance(t, Dense) for t in terms):
+        u, sv, vh = torch.linalg.svd(densify(terms, terms[0].shape, terms[0].tensors()[0].dtype).W, full_matrices=False)
+        return u, sv, vh
     s = stack(terms)
     q_b, r_b = torch.linalg.qr(s.B)  # (d_out × k_b), (k_b × Σr)
     q_a, r_a = torch.linalg.qr(s.A.T)  # (d_in × k_a), (k_a × Σr)
@@ -150,7 +251,7 @@ def lowrank_svd(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor, t
     return q_b @ u_c, sv, vh_c @ q_a.T
 
 
-def compress(terms: Sequence[LowRank], rtol: float = 0.0) -> LowRank:
+def compress(terms: Sequence[Term], rtol: float = 0.0) -> LowRank:
     """One pair of rank ≤ min(Σr, d_out, d_in) with the same product (singular values ≤ rtol·σ_max dropped)."""
     u, sv, vh = lowrank_svd(terms)
     keep = int((sv > rtol * sv.max()).sum()) if sv.numel() and rtol > 0 else sv.numel()

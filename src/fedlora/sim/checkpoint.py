@@ -1,9 +1,11 @@
 """A checkpoint after every round, written atomically, and the resume that reads it back.
 
 ``RUN_DIR/checkpoints/round-<t>/`` holds ``state.safetensors`` (every tensor) and
-``state.json`` (the skeleton that places them, the round, the RNG states, the metrics so far).
-Contents: the method's state (``methods/state.py``), each client's merged base and version, the
-FedAvg'd task heads, G_t − W_0 (for inspection), the torch, Python and NumPy global RNG states.
+``state.json`` (the skeleton that places them, the round, the RNG states, how many lines of
+metrics.jsonl it covers). Contents: the method's state (``methods/state.py``; a merging method's
+base in bounded form), the FedAvg'd task heads, the torch, Python and NumPy global RNG states.
+Nothing in it grows with the number of rounds (methods.md §4): the metrics stay in metrics.jsonl,
+and the model's merged base is rebuilt from the method's state on resume, bit for bit.
 Both files are written in a temporary folder, fsynced, and the folder is renamed into place,
 so a process killed at any point leaves either the complete checkpoint or none; the newest
 ``round-<t>`` folder is the one to resume from, and only the last ``KEEP`` are kept.
@@ -72,17 +74,13 @@ def save(folder: Path, sim: Simulation, round: int, metrics: list[dict[str, Any]
     from fedlora.sim.run_dir import clean_json
 
     method = sim.exp.method
-    state = {
-        "method": state_of(method),
-        "clients": {k: {"base": s.base, "version": s.version} for k, s in sim.states.items()},
-        "heads": sim.heads,
-        "global_delta": method.global_delta(),
-    }
+    state = {"method": state_of(method), "heads": sim.heads}
     tensors: dict[str, torch.Tensor] = {}
     skeleton = pack(state, tensors)
     rng_tensors, rng = _rng_state()
     tensors.update(rng_tensors)
-    meta = {"format": FORMAT, "round": round, "method": method.name, "state": skeleton, "rng": rng, "metrics": clean_json(metrics)}
+    meta = {"format": FORMAT, "round": round, "method": method.name, "state": skeleton, "rng": rng,
+            "metrics_lines": len(metrics), "last": clean_json(metrics[-1])}
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"round-{round:04d}"
@@ -115,8 +113,8 @@ def complete(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load(path: Path, sim: Simulation) -> list[dict[str, Any]]:
-    """Restore a checkpoint into a freshly prepared simulation; the metrics recorded up to it."""
+def load(path: Path, sim: Simulation, recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Restore a checkpoint into a freshly prepared simulation; the lines of ``recorded`` (metrics.jsonl) it covers."""
     meta = json.loads((path / "state.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
@@ -125,12 +123,15 @@ def load(path: Path, sim: Simulation) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: a checkpoint of method {meta['method']!r}, not {method.name!r}")
     tensors = load_file(str(path / "state.safetensors"))
     state = unpack(meta["state"], tensors)
+    count = int(meta["metrics_lines"])
+    done = recorded[:count]
+    if len(done) != count or [e.get("round") for e in done] != list(range(count)):
+        raise ValueError(f"{path}: metrics.jsonl holds rounds {[e.get('round') for e in recorded][:20]}, the checkpoint needs rounds 0..{count - 1}")
     load_state(method, state["method"])
-    for k, s in state["clients"].items():
-        sim.states[k].base, sim.states[k].version = s["base"], s["version"]
     sim.heads = state["heads"]
+    sim.sync_base()  # the model's merged base, rebuilt from the method's state in the order it was built
     _set_rng_state(tensors, meta["rng"])
-    return meta["metrics"]
+    return done
 
 
 def run_with_checkpoints(sim: Simulation, run: RunDir, resume: bool = False) -> None:
@@ -138,7 +139,7 @@ def run_with_checkpoints(sim: Simulation, run: RunDir, resume: bool = False) -> 
     done = None
     if resume:
         found = complete(run.checkpoints)
-        done = load(found[-1], sim) if found else []
+        done = load(found[-1], sim, run.read_metrics() if run.metrics.is_file() else []) if found else []
         run.rewrite_metrics(done)  # lines of rounds after the checkpoint are redone
         log.info("resuming %s after round %s", run.path, done[-1]["round"] if done else "none (no complete checkpoint)")
     sim.run(run.record, checkpoint=lambda rnd, metrics: save(run.checkpoints, sim, rnd, metrics), done=done)

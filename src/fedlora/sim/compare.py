@@ -133,7 +133,7 @@ def _run_one(plan: Plan, exp: Experiment, head0: dict, method: str, seed: int, f
     for c, r in zip(info["clients"], cfg.client_ranks()):
         c["rank"] = r
     run.write_partition(info)
-    exp.host.restore()
+    exp.host.reset_base()  # the model as loaded: a merging method before this one left its base behind
     exp.host.set_head(head0)
     torch.manual_seed(seed)
     log.info("compare: %s, seed %d%s → %s", method, seed, f" (one rank {cfg.client_ranks()[0]})" if one_rank else "", folder)

@@ -16,17 +16,21 @@ from typing import Iterable, Sequence
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta
-from fedlora.ops.lowrank import LowRank, frob_norm
+from fedlora.ops.lowrank import Dense, LowRank, Term, accumulate, frob_norm
 
-Weighted = list[tuple[float, LowRank]]
+Weighted = list[tuple[float, Term]]
 
 
-def _combine(weighted: Weighted) -> list[tuple[float, LowRank]]:
+def _key(t: Term) -> tuple[int, ...]:
+    return tuple(id(x) for x in t.tensors())
+
+
+def _combine(weighted: Weighted) -> list[tuple[float, Term]]:
     """Sum the coefficients of identical terms and drop those that cancel (no copies)."""
-    coef: dict[tuple[int, int], float] = {}
-    term: dict[tuple[int, int], LowRank] = {}
+    coef: dict[tuple[int, ...], float] = {}
+    term: dict[tuple[int, ...], Term] = {}
     for c, t in weighted:
-        key = (id(t.B), id(t.A))
+        key = _key(t)
         coef[key] = coef.get(key, 0.0) + c
         term[key] = t
     return [(c, term[k]) for k, c in coef.items() if abs(c) > 1e-12]
@@ -35,7 +39,7 @@ def _combine(weighted: Weighted) -> list[tuple[float, LowRank]]:
 def _add_dense(dense: torch.Tensor, weighted: Weighted) -> None:
     """dense += Σ c_i B_i A_i, one float64 product at a time."""
     for c, t in weighted:
-        dense.addmm_(t.B.to(torch.float64), t.A.to(torch.float64), alpha=c)
+        accumulate(dense, t.to(torch.float64), alpha=c)
 
 
 def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
@@ -48,8 +52,8 @@ def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
     if not terms and dense is None:
         return 0.0
     if dense is None:
-        d_out, d_in = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
-        if sum(t.rank for _, t in terms) < min(d_out, d_in):
+        d_out, d_in = terms[0][1].shape
+        if sum(t.rank for _, t in terms) < min(d_out, d_in) and not any(isinstance(t, Dense) for _, t in terms):
             return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in terms])
         dense = torch.zeros(d_out, d_in, dtype=torch.float64)
     else:
@@ -103,7 +107,7 @@ class IdealSum:
         for name, terms in start.items():
             layer = self.shared.setdefault(name, {})
             for t in terms:
-                key = (id(t.B), id(t.A))
+                key = _key(t)
                 layer[key] = (layer.get(key, (0.0, t))[0] + weight, t)
         for name, f in update.factors.items():
             fresh = self.fresh.setdefault(name, [])
@@ -140,15 +144,31 @@ def agg_noise(before: Delta, after: Delta, starts: Sequence[Delta], updates: Seq
     return ideal.agg_noise(before, after)
 
 
-def init_noise(before: Delta, start: Delta, plan: ClientPlan) -> float | None:
+class Reference:
+    """‖G_t − W_0‖_F, the denominator of every client's init_noise in a round: computed once, when first needed."""
+
+    def __init__(self, before: Delta) -> None:
+        self.before = before
+        self._norm: float | None = None
+
+    def norm(self) -> float:
+        if self._norm is None:
+            ref: dict[str, Weighted] = {}
+            _add(ref, self.before, 1.0)
+            self._norm = _norm(ref)
+        return self._norm
+
+
+def init_noise(before: Delta, start: Delta, plan: ClientPlan, reference: Reference | None = None) -> float | None:
     """Relative distance of client k's model at step 0 from the global model G_t."""
     diff: dict[str, Weighted] = {}
     _add(diff, start, 1.0)
     _add(diff, _initial(plan), float(plan.scale))
     _add(diff, before, -1.0)
-    ref: dict[str, Weighted] = {}
-    _add(ref, before, 1.0)
-    return ratio(_norm(diff), _norm(ref))
+    num = _norm(diff)
+    if num == 0.0:  # the client starts exactly at G_t (FLoRA, Fed-PLoRA): no need for the reference norm
+        return 0.0
+    return ratio(num, (reference or Reference(before)).norm())
 
 
 def mean_defined(values: Iterable[float | None]) -> float | None:

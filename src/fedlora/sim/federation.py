@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from fedlora.methods.base import client_finish, client_prepare, client_regularizer
 from fedlora.methods.validate import Bounds
 from fedlora.ops.lowrank import weighted_mean
 from fedlora.sim.checkpoint import kill_point
 from fedlora.sim.experiment import Experiment
-from fedlora.sim.server_round import Arrival, ServerRound, bounds_of
-from fedlora.train.client import ClientState, start_delta
+from fedlora.sim.server_round import Arrival, ServerRound, bounds_of, start_of
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
@@ -53,14 +53,14 @@ class Simulation:
     hooks: Hooks = field(default_factory=Hooks)
 
     def __post_init__(self) -> None:
-        self.states = {c.id: ClientState() for c in self.exp.clients}
+        # one frozen base for every client: the model's, at the method's current version (methods.md §4)
         # a dense task head (classification) is FedAvg'd by the loop for every method; per client for a personal one
         head = self.exp.host.initial_head()
         self.heads = {c.id: head for c in self.exp.clients} if self._personal else {-1: head}
 
     @property
     def _personal(self) -> bool:
-        return getattr(self.exp.method, "personal", False)
+        return self.exp.method.personal
 
     def head_for(self, client: int) -> dict:
         return self.heads[client if self._personal else -1]
@@ -83,7 +83,7 @@ class Simulation:
                     clients[str(c.id)] = score(c.test)
                     on_global.append(score(exp.global_test))
                 return {"global": {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]}, "clients": clients}
-            exp.host.set_delta(exp.method.global_delta())
+            exp.host.set_delta(exp.method.adapter_delta())  # over the base, which already holds the merges
             exp.host.set_head(self.head_for(-1))
             return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients}}
         finally:
@@ -114,6 +114,7 @@ class Simulation:
             if rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds:
                 entry["eval"] = self.evaluate()
             entry["wall_s"] = time.perf_counter() - t_round
+            entry["rss_mb"] = psutil.Process().memory_info().rss / 2**20  # flat in rounds (methods.md §4)
             finish(entry)
 
     def _aggregate_heads(self, clients: list[int], heads: list[dict], weights: list[float]) -> None:
@@ -127,7 +128,7 @@ class Simulation:
     def round(self, rnd: int) -> dict[str, Any]:
         exp, cfg = self.exp, self.exp.cfg
         fed = cfg.federation
-        pooled = getattr(exp.method, "pooled", False)
+        pooled = exp.method.pooled
         sampled = [0] if pooled else sample_clients(fed.num_clients, fed.fraction, fed.min_clients, cfg.seed, rnd)
         self.hooks.round_start(rnd, sampled)
         before = exp.method.global_delta()
@@ -139,13 +140,21 @@ class Simulation:
             plan = client_prepare(exp.method, sent)  # client side from here on
             self.hooks.client_start(k, cfg.train.local_steps)
             train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[k].train
-            update, stats = exp.trainer.fit(plan, self.states[k], train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan))
+            update, stats = exp.trainer.fit(plan, train, on_step=self.hooks.step, regularizer=client_regularizer(exp.method, plan))
             update = client_finish(exp.method, plan, update)
-            start = start_delta(self.states[k], plan)  # the base it trained on, after catching up
+            start = start_of(exp.method, plan)  # the base it trained on: the current one
             server.receive(Arrival(sent, plan, update, start, {"padded_fraction": stats.padded_fraction}))  # folded in: not kept
             del plans[k], sent, plan, update, start
             kill_point("mid-round", rnd)
-        return server.finish(self._aggregate_heads)
+        entry = server.finish(self._aggregate_heads)
+        self.sync_base()
+        return entry
+
+    def sync_base(self) -> None:
+        """Add the round's merge to the model's base, once, in place (merging methods only)."""
+        merged = self.exp.method.merged
+        if merged is not None:
+            self.exp.host.catch_up(merged.update_since(self.exp.host.version))
 
     @property
     def bounds(self) -> Bounds:

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Method, plan_nbytes, update_nbytes
-from fedlora.methods.folding import folds
 from fedlora.methods.validate import Bounds, check_update
 from fedlora.ops.weights import data_weights
 from fedlora.sim import diagnostics
-from fedlora.sim.similarity import module_similarity
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,17 @@ class Arrival:
 
 def bounds_of(method: Method, max_norm: float, adalora: bool = False) -> Bounds:
     """What the server accepts from a client of this method."""
-    min_rank = 0 if adalora else (getattr(method, "r_min", 1) if getattr(method, "prunes", False) else None)
-    return Bounds(method.setup.layers, max_norm, min_rank=min_rank, modules=getattr(method, "R", None))
+    min_rank = 0 if adalora else method.min_upload_rank
+    return Bounds(method.setup.layers, max_norm, min_rank=min_rank, modules=method.modules)
+
+
+def start_of(method: Method, plan: ClientPlan) -> Delta:
+    """W_start,k − W_0 of a client that followed ``plan``: the current base plus the plan's fold."""
+    out: Delta = {}
+    for delta in (method.base_delta(), plan.fold):
+        for name, terms in delta.items():
+            out.setdefault(name, []).extend(terms)
+    return out
 
 
 class ServerRound:
@@ -60,11 +67,12 @@ class ServerRound:
         self.method, self.bounds, self.number, self.name, self.sampled, self.min_clients = method, bounds, number, name, sampled, min_clients
         self.before = before
         self.rejected = list(rejected or [])  # may already hold replies the transport could not decode
-        self.personal = getattr(method, "personal", False)  # no global model: the noises are undefined
-        self.silent = not getattr(method, "communicates", True)
-        self.folding = folds(method)
+        self.personal = method.personal  # no global model: the noises are undefined
+        self.silent = not method.communicates
+        self.folding = method.folds
         self.sum = method.begin(number) if self.folding else None  # type: ignore[attr-defined]
         self.ideal = None if self.personal else diagnostics.IdealSum()
+        self.reference = diagnostics.Reference(before)  # ‖G_t − W_0‖_F, computed once a client needs it
         self.updates: list[ClientUpdate] = []  # non-folding methods only
         self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known
         self.heads: list[dict] = []  # the rows hold everything else a kept reply leaves
@@ -77,7 +85,7 @@ class ServerRound:
             self.rejected.append({"id": a.plan.client, "reason": reason})
             return
         u = a.update
-        init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan)
+        init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan, self.reference)
         self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
             "bytes_up": 0 if self.silent else update_nbytes(u, send_A=a.plan.train_A), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
@@ -130,7 +138,7 @@ class ServerRound:
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
             "local_rank_sum": sum(r["local_rank_sum"] for r in self.rows),
             "rejected": sorted(self.rejected, key=lambda x: x["id"]),
-            **({"module_similarity": module_similarity(self.updates)} if self.name == "fedplora" else {}),
+            **self.method.round_metrics(self.updates),
         }
 
 

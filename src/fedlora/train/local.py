@@ -13,7 +13,6 @@ from fedlora.data.batching import length_grouped_batches
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
 from fedlora.model.adapters import AdaLoraSpec, AdapterHost, orthogonal_penalty, read_factors
 from fedlora.ops.lowrank import seeded_generator
-from fedlora.train.client import ClientState, start_delta
 from fedlora.train.tasks import CausalLM, Task
 
 
@@ -52,11 +51,12 @@ class LocalTrainer:
         return AdaLoraSpec(target_r=target_r, total_step=self.cfg.local_steps, tfinal=1, orth_reg_weight=self.adalora_orth_reg)
 
     def fit(
-        self, plan: ClientPlan, state: ClientState, train: Sequence[Any],
+        self, plan: ClientPlan, train: Sequence[Any],
         on_step: Callable[[float], None] | None = None, regularizer: Regularizer | None = None,
     ) -> tuple[ClientUpdate, FitStats]:
-        state.catch_up(plan)
-        self.host.set_delta(start_delta(state, plan))
+        """Bring the model's base up to the plan's version, fold the plan's round-only delta, train, read the factors."""
+        self.host.catch_up(plan.base)
+        self.host.set_delta(plan.fold)
         run_seed = int(seeded_generator(self.seed, plan.round, plan.client).initial_seed() % (2**31))
         try:
             with self.host.adapter(

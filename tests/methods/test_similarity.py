@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlora.methods.base import ClientUpdate, Factors
-from fedlora.sim.similarity import module_similarity
+from fedlora.methods.similarity import module_similarity
 
 
 def _update(client: int, indices: list[int], bs: list[list[float]], as_: list[list[float]]) -> ClientUpdate:
