@@ -26,8 +26,8 @@ from fedlora.config import load_config
 from fedlora.methods import REGISTRY, ClientUpdate, Factors
 from fedlora.methods.base import client_finish, client_prepare, plan_nbytes, update_nbytes
 from fedlora.ops.lowrank import kaiming_A, seeded_generator
-from fedlora.sim.compare import make_plan, method_config
-from fedlora.sim.experiment import check_model
+from fedlora.app.compare import make_plan, method_config
+from fedlora.federation.experiment import check_model
 
 PAPER = {"flora": 0.215, "fedit": 0.177}  # FLoRA paper (Wang et al., 2024), communication relative to full fine-tuning
 

@@ -38,8 +38,8 @@ from fedlora.methods import REGISTRY, ClientUpdate, Factors, Setup, build_method
 from fedlora.methods.base import client_finish, client_prepare, plan_nbytes
 from fedlora.methods.state import state_dict
 from fedlora.model.adapters import AdapterHost
-from fedlora.sim.federation import sample_clients
-from fedlora.sim.server_round import Arrival, ServerRound, bounds_of, start_of
+from fedlora.federation.server import sample_clients
+from fedlora.federation.round import Arrival, ServerRound, bounds_of, start_of
 
 PATTERN = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
 HOMOGENEOUS = 16
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--methods", default=",".join(sorted(REGISTRY)))
+    ap.add_argument("--full-d", type=int, default=1024, help="layer width for `full` (its diagnostics densify d³ per client)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -190,18 +191,22 @@ def main(argv: list[str] | None = None) -> None:
     results, targets = {"layers": len(layers), "d": args.d, "rounds": args.rounds, "clients": args.clients, "fraction": args.fraction, "methods": {}}, []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            print(f"[rounds] {name}: {args.rounds} rounds, {len(layers)} layers of {args.d}×{args.d}", flush=True)
-            out = run_method(name, layers, args.rounds, args.clients, args.fraction, pool, Path(tmp))
+            mine = {n: (min(args.d, args.full_d),) * 2 for n in layers} if name == "full" else layers
+            d = mine[next(iter(mine))][0]
+            print(f"[rounds] {name}: {args.rounds} rounds, {len(mine)} layers of {d}×{d}", flush=True)
+            out = run_method(name, mine, args.rounds, args.clients, args.fraction, pool if d == args.d else Pool(d, max(PATTERN) * 2), Path(tmp))
+            out["d"] = d
             rows = out["rows"]
             at = {m: {k: smoothed(rows, k, m) if k.endswith("_s") else rows[m - 1][k] for k in rows[0] if k != "round"} for m in marks}
             ratio = {key: {f"{last}/{first}": at[last][key] / max(at[first][key], 1e-12),
                            **({f"{last}/50": at[last][key] / max(at[50][key], 1e-12)} if 50 in at and last != 50 else {})}
                      for key in ("server_s", "client_prep_s", "state_bytes", "checkpoint_bytes", "rss_mb", "down_bytes_per_client")}
-            results["methods"][name] = {"ranks": out["ranks"], "at": at, "ratios": ratio, "per_round": rows}
+            results["methods"][name] = {"ranks": out["ranks"], "d": out["d"], "at": at, "ratios": ratio, "per_round": rows}
             for key in ("server_s", "state_bytes", "checkpoint_bytes"):
                 targets.append(benchlib.target(f"{name} {key} round {last}/{first}", "<=", 1.1, ratio[key][f"{last}/{first}"]))
                 if f"{last}/50" in ratio[key]:
                     targets.append(benchlib.target(f"{name} {key} round {last}/50", "<=", 1.1, ratio[key][f"{last}/50"]))
+            benchlib.write("rounds", args.quick, load, targets, results, args.out)  # each method's figures as soon as it ends
     path = benchlib.write("rounds", args.quick, load, targets, results, args.out)
     plot(results, path.with_suffix(".png"))
 

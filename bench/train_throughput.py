@@ -24,7 +24,7 @@ import benchlib
 from fedlora.config import load_config, packaged_config
 from fedlora.data.batching import collate, length_grouped_batches
 from fedlora.ops.lowrank import seeded_generator
-from fedlora.sim.experiment import prepare
+from fedlora.federation.experiment import prepare
 from fedlora.train.client import ClientState
 
 

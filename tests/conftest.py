@@ -31,9 +31,11 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.linalg.norm(x - y) / max(float(torch.linalg.norm(y)), 1e-300))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_llama():
-    """A 2-layer random Llama in float64: real transformers + PEFT code paths, milliseconds per call."""
+    """A 2-layer random Llama in float64: real transformers + PEFT code paths, milliseconds per call.
+
+    A fresh one per test: a merging method leaves the model at its merged base after a run."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import torch
 
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import init_noise
+from fedlora.federation.diagnostics import init_noise
 from fedlora.train.client import start_delta
 
 from tests.conftest import random_update

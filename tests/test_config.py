@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fedlora.config import ConfigError, build_config, load_config, packaged_config
-from fedlora.sim.experiment import check_model
+from fedlora.federation.experiment import check_model
 
 TINY = packaged_config("tiny")
 
@@ -94,7 +94,7 @@ def test_checks_against_the_real_model_folder(overrides, pattern):
 
 def test_missing_data_file_is_named(tmp_path):
     from fedlora.data import DataError
-    from fedlora.sim.experiment import prepare
+    from fedlora.federation.experiment import prepare
 
     with pytest.raises(DataError, match=r"^data\.source: file not found: /no/such\.jsonl"):
         prepare(_real_model_cfg(["data.source=/no/such.jsonl"]))

@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.methods import MethodError
     from fedlora.evaluation.runs import RunFolderError
     from fedlora.model.assets import AssetError
-    from fedlora.sim.server_round import RoundFailed
+    from fedlora.federation.round import RoundFailed
 
     return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError, RoundFailed)
 
@@ -39,11 +39,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from fedlora.report.table import summary_table
-    from fedlora.sim.experiment import prepare
+    from fedlora.federation.experiment import prepare
     from fedlora.sim.federation import Simulation
-    from fedlora.sim.progress import rich_hooks
-    from fedlora.sim.checkpoint import run_with_checkpoints
-    from fedlora.sim.run_dir import RunDir, default_run_dir, resume_config, summarize
+    from fedlora.app.progress import rich_hooks
+    from fedlora.app.checkpoint import run_with_checkpoints
+    from fedlora.app.run_dir import RunDir, default_run_dir, resume_config, summarize
     config_path = args.config or packaged_config("default")
     cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
     torch.manual_seed(cfg.seed)
@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.write_partition(exp.partition_info)
     log.info("run folder: %s", run.path)
     with rich_hooks(console, cfg) as hooks:
-        run_with_checkpoints(Simulation(exp, hooks), run, resume=bool(args.resume))
+        run_with_checkpoints(Simulation(exp, hooks), run, resume_run=bool(args.resume))
     if cfg.output.save_final:
         save_final(exp, run.path / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
@@ -98,7 +98,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Several methods × seeds on the same partitions: table.md, table.csv and PNGs in one folder."""
-    from fedlora.sim.compare import cli
+    from fedlora.app.compare import cli
 
     log.info("comparison in %s", cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only))
     return 0
@@ -107,8 +107,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     """Partition the config's source as a run would, print the per-client table, write a heatmap."""
     from fedlora.report.partition import partition_heatmap, partition_table
-    from fedlora.sim.experiment import load_source, split_indices
-    from fedlora.sim.run_dir import default_run_dir, write_json
+    from fedlora.federation.experiment import load_source, split_indices
+    from fedlora.app.run_dir import default_run_dir, write_json
 
     cfg = load_config(args.config or packaged_config("default"), args.overrides)
     examples = load_source(cfg)
@@ -136,7 +136,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         console.print("[bold red]error:[/] fedlora deploy needs Flower (accepted: pip install \"fedlora[flower]\")")
         return 2
     argv = ["--config", args.config] if args.config else []
-    for flag in ("output", "workdir"):
+    for flag in ("output", "workdir", "resume"):
         if getattr(args, flag):
             argv += [f"--{flag}", getattr(args, flag)]
     argv += [f for f, on in (("--tls", args.tls), ("--auth", args.auth)) if on]
@@ -162,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Held-out loss/perplexity or multiple-choice accuracy, and greedy generations (docs/use.md)."""
     from fedlora.evaluation.eval_run import describe, run_eval
-    from fedlora.sim.run_dir import write_json
+    from fedlora.app.run_dir import write_json
 
     result = run_eval(args.path, args.data, client=args.client, prompts=args.prompt, generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     Console().print("\n".join(describe(result)), highlight=False, soft_wrap=True, markup=False)
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     deploy.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     deploy.add_argument("--output", help="run folder (default: runs/<time>-<method>-flower)")
-    deploy.add_argument("--workdir", help="keep logs, certificates and node state here (default: a temporary folder)")
+    deploy.add_argument("--workdir", help="logs, certificates and node state (default: .<run folder>.flower beside the run folder)")
+    deploy.add_argument("--resume", metavar="RUN_DIR", help="continue a deployed run from its newest complete checkpoint (same --workdir)")
     deploy.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     deploy.set_defaults(func=cmd_deploy)

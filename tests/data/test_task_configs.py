@@ -8,7 +8,7 @@ import pytest
 
 from fedlora.config import load_config, packaged_config
 from fedlora.data import DataError
-from fedlora.sim.experiment import check_model, load_source, split_indices
+from fedlora.federation.experiment import check_model, load_source, split_indices
 
 
 def _split(name: str) -> tuple[list, dict]:

@@ -1,8 +1,8 @@
 """`fedlora run` killed with SIGKILL at several points and resumed ends bit-identical to an uninterrupted run.
 
 The runs are real subprocesses on a tiny random Llama folder (tests/tiny_folder.py); a test-only
-hook (FEDLORA_TEST_KILL_AT=<point>:<round>) kills the process at a named point: mid-round (after
-the first client trained), mid-checkpoint (tensors written, JSON not yet) and after a checkpoint.
+wrapper (tests/e2e/killed.py) kills the process at a named point: mid-round (after the first
+client's reply is folded in), mid-checkpoint (tensors written, JSON not yet) and after a checkpoint.
 The uninterrupted reference runs in the test process (same code, same torch thread count).
 """
 
@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
-from fedlora.sim.checkpoint import KILL_ENV
 from tests.tiny_folder import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +34,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 def fedlora(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
     """A real `fedlora` process with this process's torch thread count (float sums depend on it)."""
-    env = {k: v for k, v in ENV.items() if k != KILL_ENV}
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    if kill_at:
-        env[KILL_ENV] = kill_at
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = ["-m", "tests.e2e.killed", kill_at] if kill_at else ["-m", "fedlora.cli"]
+    return subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def run_args(model_dir: Path, method: str, out: Path) -> list[str]:
@@ -88,7 +85,7 @@ def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, ki
 
 def test_resume_refuses_a_changed_setting_in_one_line(tmp_path, capfd):
     from fedlora.config import load_config, to_yaml
-    from fedlora.sim.run_dir import resume_config
+    from fedlora.app.run_dir import resume_config
 
     run = tmp_path / "run"
     run.mkdir()

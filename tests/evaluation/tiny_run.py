@@ -84,7 +84,7 @@ def tiny_run_dir(folder: Path, base: Path, method: str, ranks: list[int], rounds
     (folder / "config.yaml").write_text(to_yaml(cfg))
     (folder / "metrics.jsonl").write_text(json.dumps({"round": 0, "method": method, "clients": [], "eval": {"global": {"loss": 1.0}}}) + "\n")
     host = AdapterHost(model, list(shapes))
-    if getattr(m, "personal", False):  # local: one adapter per client, as fedlora run writes them
+    if m.personal:  # local: one adapter per client, as fedlora run writes them
         for k in clients:
             save_adapter(host, m.client_delta(k), TARGETS, folder / "final" / f"client-{k}", str(base))
         return folder, m.client_delta(0)

@@ -81,7 +81,7 @@ def simulate(embedded_model) -> Callable[[list[str]], dict[str, Any]]:
         key = tuple(overrides)
         if key not in _SIMS:
             from fedlora.config import load_config
-            from fedlora.sim.experiment import prepare
+            from fedlora.federation.experiment import prepare
             from fedlora.sim.federation import Hooks, Simulation
 
             cfg = load_config(TINY, overrides)

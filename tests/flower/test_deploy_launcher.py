@@ -53,3 +53,9 @@ def test_deploy_launcher_refuses_a_node_count_other_than_the_clients(capsys):
     assert main(["--config", str(TINY), "lora.ranks=[4,2]"]) == 2
     assert "lora.ranks" in capsys.readouterr().err
     assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"  # tests/flower/conftest.py sets the Flower environment
+
+
+def test_deploy_resume_needs_a_run_folder(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume:") and "holds no config.yaml" in err

@@ -7,14 +7,16 @@ group's id in the fixtures' finalizers, also when a test fails.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from fedlora.flower.launch import LocalFederation
+from fedlora.flower.launch import FlowerRunError, LocalFederation
 from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, dense_file, read_metrics, rel_err_layers
 
 pytestmark = pytest.mark.slow
@@ -175,3 +177,39 @@ def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_
     print(f"\nkill → round 1 took {metrics[1]['wall_s']:.0f} s; run done {time.perf_counter() - t_kill:.0f} s after the kill; "
           f"bf16 uplink wire/table {[round(c['wire_bytes_up'] / c['bytes_up'], 4) for c in metrics[1]['clients']]}, "
           f"downlink {[round(c['wire_bytes_down'] / c['bytes_down'], 4) for c in metrics[2]['clients']]}; lost {metrics[1]['lost']}")
+
+
+def _serverapps() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if any("flwr-serverapp" in str(x) for x in (p.info["cmdline"] or []))]
+
+
+def _comparable(run: Path) -> list[dict]:
+    """metrics.jsonl without what measures the machine (times, memory)."""
+    out = []
+    for m in read_metrics(run):
+        m = {k: v for k, v in m.items() if k not in ("wall_s", "rss_mb")}
+        m["clients"] = [{k: v for k, v in c.items() if k != "timing"} for c in m["clients"]]
+        out.append(m)
+    return out
+
+
+def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tmp_path):
+    """The ServerApp is SIGKILLed after its round-1 checkpoint; a new one started with ``resume`` on the same
+    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run."""
+    overrides = [*FAST, "federation.method=flora", "federation.rounds=3"]
+    loopback.run(TINY, tmp_path / "whole", overrides, round_timeout=900)
+    broken = tmp_path / "broken"
+    handle = loopback.submit(TINY, broken, overrides, round_timeout=900)
+    deadline = time.monotonic() + 900
+    while not (broken / "checkpoints" / "round-0001" / "state.json").is_file():
+        assert handle.running() and time.monotonic() < deadline, "the run ended before its round-1 checkpoint"
+        time.sleep(0.2)
+    (app,) = _serverapps()
+    app.send_signal(signal.SIGKILL)
+    with pytest.raises(FlowerRunError):
+        handle.wait(300)
+    assert not (broken / "final").exists()
+    loopback.run(TINY, broken, overrides, round_timeout=900, resume=True)
+    assert _comparable(broken) == _comparable(tmp_path / "whole")
+    ta, tb = (load_file(r / "final" / "adapter_model.safetensors") for r in (broken, tmp_path / "whole"))
+    assert set(ta) == set(tb) and all(ta[k].equal(tb[k]) for k in ta)

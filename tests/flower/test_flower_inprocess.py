@@ -24,7 +24,8 @@ from fedlora.flower.strategy import FedLoraStrategy, RoundFailed
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import head_modules, target_layer_shapes
-from fedlora.sim.experiment import ClientData, Experiment
+from fedlora.federation.experiment import ClientData, Experiment
+from fedlora.federation.server import Server
 from fedlora.sim.federation import Hooks, Simulation
 from fedlora.train.local import LocalTrainer
 from fedlora.train.tasks import Classification
@@ -106,9 +107,9 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
     def record(entry):
         records.append(entry)
         deltas[entry["round"]] = dense(exp.method.global_delta())
-        heads[entry["round"]] = {k: {n: t.clone() for n, t in h.items()} for k, h in strategy.sim.heads.items()}
+        heads[entry["round"]] = {k: {n: t.clone() for n, t in h.items()} for k, h in strategy.server.heads.heads.items()}
 
-    strategy = FedLoraStrategy(exp, roster, to_yaml(exp.cfg), record)
+    strategy = FedLoraStrategy(Server(exp), roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints")
     strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds, timeout=5, evaluate_fn=strategy.evaluate)
     return records, deltas, heads
 

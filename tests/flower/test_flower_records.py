@@ -45,7 +45,7 @@ def _round_two_plans(name: str):
     """Plans of round 2 (after one aggregation: base updates, folds, inits and meta are non-trivial)."""
     gen = torch.Generator().manual_seed(0)
     method = _method(name)
-    clients = [0] if getattr(method, "pooled", False) else [0, 1, 2]
+    clients = [0] if method.pooled else [0, 1, 2]
     updates = [_trained(method, method.plan(k, 1), gen) for k in clients]
     method.aggregate(updates, [u.num_examples / sum(x.num_examples for x in updates) for u in updates], 1)
     plans = [method.plan(k, 2) for k in clients]

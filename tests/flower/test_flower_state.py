@@ -57,6 +57,6 @@ def test_flower_app_folder_declares_every_run_config_key():
     app = project["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedlora.flower.server_app:app", "clientapp": "fedlora.flower.client_app:app"}
     declared = set(app["config"])
-    read = {"config-path", "overrides", "output-dir", "round-timeout", "node-timeout", "checkpoint-deltas"}
+    read = {"config-path", "overrides", "output-dir", "round-timeout", "node-timeout", "checkpoint-deltas", "resume"}
     assert declared == read
     assert sorted(p.name for p in APP_DIR.iterdir() if p.name != "__pycache__") == ["pyproject.toml"]

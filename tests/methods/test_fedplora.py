@@ -10,7 +10,7 @@ from fedlora.methods.base import plan_nbytes, update_nbytes
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.fedplora import FedPLoRA
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import random_update, rel_err

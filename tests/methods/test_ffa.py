@@ -9,7 +9,7 @@ from fedlora.methods import MethodError, Setup
 from fedlora.methods.base import ClientUpdate, Factors, client_prepare, plan_nbytes, update_nbytes
 from fedlora.methods.ffa import FFALoRA
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import rel_err

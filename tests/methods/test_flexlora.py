@@ -20,7 +20,7 @@ from fedlora.methods import flexlora as flexlora_module
 from fedlora.methods.base import ClientUpdate, Factors, Setup, plan_nbytes, update_nbytes
 from fedlora.methods.flexlora import FlexLoRA
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import agg_noise
+from fedlora.federation.diagnostics import agg_noise
 from fedlora.train.client import ClientState
 
 from tests.conftest import random_update, rel_err

@@ -121,7 +121,7 @@ def test_options_are_checked():
 
 
 def test_scaling_multiplies_the_merge_and_shows_in_agg_noise(gen):
-    from fedlora.sim.diagnostics import agg_noise
+    from fedlora.federation.diagnostics import agg_noise
 
     m1, m2 = _flora(), _flora(scaling=0.5)
     updates = [random_update(k, LAYERS, RANKS[k], SCALES[k], 10 * (k + 1), gen) for k in RANKS]

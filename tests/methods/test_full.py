@@ -7,7 +7,7 @@ from fedlora.methods.full import FullFedAvg
 from fedlora.methods import Setup
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import target_layer_shapes
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 
 from tests.conftest import rel_err
 

@@ -10,7 +10,7 @@ from fedlora.methods.base import ClientUpdate, Factors, client_finish, plan_nbyt
 from fedlora.methods.hetlora import HetLoRA, head, pruned_rank, tail_norm
 from fedlora.ops.lowrank import kaiming_A, pad, seeded_generator, truncate
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import random_update, rel_err

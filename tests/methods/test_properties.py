@@ -21,7 +21,7 @@ from fedlora.methods.state import load_state_dict, state_dict
 from fedlora.methods.validate import Bounds, check_update
 from fedlora.ops.lowrank import pad
 from fedlora.ops.weights import data_weights
-from fedlora.sim.server_round import bounds_of
+from fedlora.federation.round import bounds_of
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,7 +48,7 @@ def _build(name, layers, ranks, scales):
 
 
 def _updates(method, n, gen, rnd=1):
-    clients = [0] if getattr(method, "pooled", False) else list(method.setup.ranks)
+    clients = [0] if method.pooled else list(method.setup.ranks)
     plans, updates = {}, []
     for k in clients:
         plan = client_prepare(method, method.plan(k, rnd))

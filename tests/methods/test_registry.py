@@ -6,7 +6,7 @@ import torch
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 from fedlora.methods.base import Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
 from fedlora.ops.weights import data_weights
-from fedlora.sim import diagnostics
+from fedlora.federation import diagnostics
 from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import random_update
@@ -45,7 +45,7 @@ def test_every_method_runs_rounds_with_partial_participation(name, gen):
     assert method.name == name and isinstance(method.summary, str) and method.summary
     assert isinstance(method.options, dict)
     states = {k: ClientState() for k in setup.ranks}
-    pooled = getattr(method, "pooled", False)
+    pooled = method.pooled
     for rnd, sampled in enumerate([(0, 1, 2), (0, 2), (1, 2)], start=1):
         sampled = (0,) if pooled else sampled
         before = method.global_delta()
@@ -71,7 +71,7 @@ def test_every_method_runs_rounds_with_partial_participation(name, gen):
             assert n in LAYERS
             for t in terms:
                 assert t.shape == LAYERS[n]
-        if not getattr(method, "personal", False):
+        if not method.personal:
             noise = diagnostics.agg_noise(before, after, starts, updates, weights)
             assert noise is not None and noise >= 0
 

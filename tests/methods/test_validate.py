@@ -13,7 +13,7 @@ from fedlora.methods import Setup, build_method
 from fedlora.methods.base import ClientUpdate, Factors
 from fedlora.methods.state import pack, state_of
 from fedlora.methods.validate import check_update
-from fedlora.sim.server_round import Arrival, RoundFailed, bounds_of, finish_round
+from fedlora.federation.round import Arrival, RoundFailed, bounds_of, finish_round
 from fedlora.train.client import ClientState, start_delta
 
 LAYERS = {"a.q": (6, 5), "a.v": (3, 5)}
@@ -35,8 +35,8 @@ def _valid(method, client, gen):
 def _layer(u: ClientUpdate, name: str, B=None, A=None) -> ClientUpdate:
     """``u`` with one layer's factors replaced, bypassing Factors' own shape assertion."""
     f = Factors.__new__(Factors)
-    f.B = u.factors[name].B if B is None else B
-    f.A = u.factors[name].A if A is None else A
+    object.__setattr__(f, "B", u.factors[name].B if B is None else B)  # a frozen pair, built around its checks
+    object.__setattr__(f, "A", u.factors[name].A if A is None else A)
     return dataclasses.replace(u, factors={**u.factors, name: f})
 
 

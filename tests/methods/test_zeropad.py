@@ -9,7 +9,7 @@ from fedlora.methods.fedit import FedIT
 from fedlora.methods.zeropad import ZeroPad
 from fedlora.ops.lowrank import fold_terms, pad
 from fedlora.ops.weights import data_weights
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 from fedlora.train.client import ClientState, start_delta
 
 from tests.conftest import random_update, rel_err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedlora.sim import checkpoint
+from fedlora.app import checkpoint
 from fedlora.sim.federation import Simulation
 from tests.sim.test_simulation import _experiment
 
@@ -22,14 +22,14 @@ def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_p
     tests/methods/test_properties.py, resume after SIGKILL in tests/e2e/test_resume.py."""
     whole, saved = [], {}
     sim = Simulation(_experiment(tiny_llama, name, ranks))
-    sim.run(whole.append, checkpoint=lambda rnd, metrics: saved.setdefault(rnd, checkpoint.save(tmp_path / "ck", sim, rnd, metrics)))
+    sim.run(whole.append, checkpoint=lambda rnd, metrics: saved.setdefault(rnd, checkpoint.save(tmp_path / "ck", sim.server, rnd, len(metrics), metrics[-1])))
     final = {n: [[x.clone() for x in t.tensors()] for t in ts] for n, ts in sim.exp.method.global_delta().items()}
     weights = {n: p.clone() for n, p in sim.exp.host.model.state_dict().items()}
     assert [p.name for p in checkpoint.complete(tmp_path / "ck")] == ["round-0001", "round-0002"]  # the last two
 
     sim.exp.host.reset_base()  # the fixture's model back to W_0 for the second experiment
     resumed = Simulation(_experiment(tiny_llama, name, ranks))
-    done = checkpoint.load(saved[1], resumed, whole)
+    done = checkpoint.load(saved[1], resumed.server, whole)
     assert _entries(done) == json.loads(json.dumps(_entries(whole[:2])))
     rest: list = []
     resumed.run(rest.append, done=done)

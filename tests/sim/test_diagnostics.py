@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedlora.methods import Setup, build_method
-from fedlora.sim.diagnostics import agg_noise, init_noise
-from fedlora.sim.federation import sample_clients
+from fedlora.federation.diagnostics import agg_noise, init_noise
+from fedlora.federation.server import sample_clients
 from fedlora.train.client import ClientState, start_delta
 
 from tests.dense_reference import dense, dense_agg_noise, run_round
@@ -90,7 +90,7 @@ def test_noise_does_not_depend_on_the_process_hash_seed():
         "m = build_method('zeropad', Setup(layers, ranks, scales, dtype=torch.float64))\n"
         "states = {k: ClientState() for k in ranks}\n"
         "before, after, starts, updates, w, inits = run_round(m, states, (0, 1, 2), ranks, scales, g, 1, layers)\n"
-        "from fedlora.sim.diagnostics import agg_noise\n"
+        "from fedlora.federation.diagnostics import agg_noise\n"
         "print(repr(agg_noise(before, m.global_delta(), starts, updates, w)))\n"
     )
     out = [

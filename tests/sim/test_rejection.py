@@ -8,7 +8,7 @@ import torch
 from fedlora.methods import Setup, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.state import pack, state_of
-from fedlora.sim.server_round import Arrival, RoundFailed, bounds_of, finish_round
+from fedlora.federation.round import Arrival, RoundFailed, bounds_of, finish_round
 from fedlora.train.client import ClientState, start_delta
 from tests.conftest import random_update
 

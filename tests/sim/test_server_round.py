@@ -10,7 +10,7 @@ import torch
 
 from fedlora.methods import Setup, build_method
 from fedlora.ops.weights import data_weights
-from fedlora.sim.server_round import Arrival, ServerRound, bounds_of
+from fedlora.federation.round import Arrival, ServerRound, bounds_of
 from fedlora.train.client import ClientState, start_delta
 from tests.conftest import random_update, rel_err
 from tests.dense_reference import dense, dense_agg_noise
@@ -31,7 +31,7 @@ def _replies(method, rnd, gen, counts, layers=LAYERS):
     out = []
     for k, n in enumerate(counts):
         sent = method.plan(k, rnd)
-        plan = getattr(method, "client_prepare", lambda p: p)(sent)
+        plan = method.client_prepare(sent)
         state = ClientState()
         state.catch_up(sent)
         out.append(Arrival(sent, plan, random_update(k, layers, plan.rank, plan.scale, n, gen), start_delta(state, plan)))

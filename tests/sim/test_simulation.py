@@ -11,7 +11,7 @@ from fedlora.data.formatting import TokenizedExample
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import target_layer_shapes
-from fedlora.sim.experiment import ClientData, Experiment
+from fedlora.federation.experiment import ClientData, Experiment
 from fedlora.sim.federation import Simulation
 from fedlora.train.local import LocalTrainer
 
@@ -59,11 +59,11 @@ def test_every_method_runs_in_the_simulator(tiny_llama, name):
     assert math.isfinite(final["global"]["loss"]) and set(final["clients"]) == {"0", "1", "2"}
     assert final["global"]["loss"] < first["global"]["loss"]  # counting is learnable: loss falls
     for r in records[1:]:
-        if not getattr(exp.method, "communicates", True):
+        if not exp.method.communicates:
             assert r["bytes_up"] == r["bytes_down"] == 0
         else:
             assert r["bytes_up"] > 0
-    if getattr(exp.method, "pooled", False):
+    if exp.method.pooled:
         assert [c["id"] for c in records[1]["clients"]] == [0]
         assert records[1]["clients"][0]["num_examples"] == 8 + 12 + 16
 

@@ -11,7 +11,7 @@ from fedlora.methods.fedplora import FedPLoRA
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import target_layer_shapes
 from fedlora.ops.lowrank import LowRank
-from fedlora.sim.diagnostics import agg_noise, init_noise
+from fedlora.federation.diagnostics import agg_noise, init_noise
 from fedlora.train.client import ClientState, start_delta
 from fedlora.train.local import LocalTrainer
 

@@ -2,8 +2,8 @@
 
 ``query`` answers the server's roll call (partition id, partition count, declared rank: the
 server cannot read node config). ``train`` decodes the plan, runs the method's client hooks
-around ``LocalTrainer.fit`` (client_prepare → catch_up + train with client_regularizer →
-client_finish), stores the client's base (D_v, bounded) on node-local disk (a fresh process serves every
+through ``federation.client.client_round`` (client_prepare → catch-up + train with the client
+regularizer → client_finish), stores the client's base (D_v, bounded) on node-local disk (a fresh process serves every
 message) and replies with the update, its partition id and rank.
 
 Node config: ``partition-id``, ``num-partitions``, optional ``rank``, ``data-path``, ``state-dir``.
@@ -27,7 +27,9 @@ for _key, _value in ENV.items():  # before torch / transformers are imported
 NODE = "node"
 """ConfigRecord of a roll-call reply: partition-id, num-partitions, rank (0 = the config's), own-data."""
 RUN = "fedlora"
-"""ConfigRecord of a train message: ``config`` = the server's resolved config as YAML."""
+"""ConfigRecord of a train message: ``config`` = the server's resolved config as YAML; ``run`` = the
+run's key (its folder name), which names the node's saved base, so a restarted ServerApp
+continuing that run finds every node's base where it left it."""
 
 app = ClientApp()
 
@@ -43,10 +45,10 @@ def roll_call(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
+    from fedlora.federation.client import client_round
     from fedlora.flower.records import records_to_plan, update_to_records
     from fedlora.flower.runtime import client_runtime
     from fedlora.flower.state import load_state, save_state, state_dir
-    from fedlora.methods.base import client_finish, client_prepare, client_regularizer
 
     t0 = time.time()
     node = NodeSettings.from_node_config(context.node_config)
@@ -56,11 +58,9 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"plan for partition {sent.client} reached the node holding partition {node.partition}")
     t_loaded = time.time()
     torch.manual_seed(rt.cfg.seed)
-    plan = client_prepare(rt.method, sent)
-    folder = state_dir(node.state_root, context.run_id, node.partition)
+    folder = state_dir(node.state_root, str(msg.content.config_records[RUN]["run"]), node.partition)
     rt.trainer.host.load_base(*load_state(folder))
-    update, stats = rt.trainer.fit(plan, rt.train, regularizer=client_regularizer(rt.method, plan))
-    update = client_finish(rt.method, plan, update)
+    plan, update, stats = client_round(rt.method, rt.trainer, sent, rt.train)
     save_state(folder, *rt.trainer.host.base_state())  # before replying: the server may count on this base next round
     t_fit = time.time()
     timing = {"startup-s": t0 - _process_start(), "load-s": t_loaded - t0, "fit-s": t_fit - t_loaded}

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -265,12 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
     p.add_argument("--output", default=None, help="run folder (default: runs/<time>-<method>-flower)")
-    p.add_argument("--workdir", default=None, help="logs, certificates, node state (default: a temporary folder, removed afterwards)")
+    p.add_argument("--workdir", default=None, help="logs, certificates, node state (default: .<run folder>.flower beside the run folder, kept for --resume)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its newest complete checkpoint (its own config; the same --workdir)")
     p.add_argument("--node-rank", action="append", default=[], metavar="K=R", help="SuperNode K declares rank R (node config `rank`)")
     p.add_argument("--threads-per-node", type=int, default=None, help="torch threads per SuperNode (default: cpu_count // nodes)")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the ServerApp's evaluation (default: torch's choice)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     args = p.parse_args(argv)
+    if args.resume:
+        resumed = Path(args.resume).resolve()
+        if not (resumed / "config.yaml").is_file():
+            print(f"error: --resume: {resumed} holds no config.yaml (accepted: the folder of an earlier fedlora run)", file=sys.stderr)
+            return 2
+        args.config, args.output = str(resumed / "config.yaml"), str(resumed)
     config = Path(args.config).resolve() if args.config else packaged_config("default")
     try:
         cfg = load_config(config, args.overrides)
@@ -282,19 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--nodes {nodes}: the config has federation.num_clients={cfg.federation.num_clients} (one SuperNode per partition)")
     output = Path(args.output or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}-flower").resolve()
     ranks = {int(k): {"rank": int(r)} for k, r in (x.split("=", 1) for x in args.node_rank)}
-    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
-        workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
-        t0 = time.perf_counter()
-        try:
-            with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks,
-                                 threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
-                print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {nodes} SuperNodes; logs in {fed.logs}", flush=True)
-                summary = fed.run(config, output, args.overrides)
-        except FlowerRunError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"run folder {output}: global loss {summary['global_loss']['before']:.4f} → {summary['global_loss']['after']:.4f}, "
-              f"wire bytes up {summary['wire_bytes_up']:,} down {summary['wire_bytes_down']:,}, {time.perf_counter() - t0:.0f} s", flush=True)
+    workdir = Path(args.workdir).resolve() if args.workdir else output.parent / f".{output.name}.flower"  # node state outlives the launcher
+    t0 = time.perf_counter()
+    try:
+        with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks,
+                             threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
+            print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {nodes} SuperNodes; logs and node state in {workdir}", flush=True)
+            summary = fed.run(config, output, [] if args.resume else args.overrides, **({"resume": True} if args.resume else {}))
+    except FlowerRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"run folder {output}: global loss {summary['global_loss']['before']:.4f} → {summary['global_loss']['after']:.4f}, "
+          f"wire bytes up {summary['wire_bytes_up']:,} down {summary['wire_bytes_down']:,}, {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 

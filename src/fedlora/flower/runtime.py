@@ -44,7 +44,7 @@ def config_from_text(text: str) -> Config:
 @lru_cache(maxsize=2)
 def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path: str | None) -> ClientRuntime:
     """Model, tokenizer, data and method, loaded once per process (keyed by config and node)."""
-    from fedlora.sim.experiment import check_model, prepare
+    from fedlora.federation.experiment import check_model, prepare
 
     cfg = config_from_text(cfg_text)
     if cfg.federation.num_clients != num_partitions:

@@ -3,7 +3,8 @@
 Run config (``app/pyproject.toml``, overridable with ``flwr run … --run-config``):
 ``config-path`` (absolute YAML path or a packaged name), ``overrides`` (``key=value …`` as for
 ``fedlora run``), ``output-dir`` (absolute: the ServerApp runs in the SuperLink's folder),
-``round-timeout``, ``node-timeout``, ``checkpoint-deltas``.
+``round-timeout``, ``node-timeout``, ``checkpoint-deltas``, ``resume`` (continue the run in
+``output-dir`` from its newest complete checkpoint, as ``fedlora run --resume`` does).
 
 The server evaluates the global model itself (the simulator's ``evaluate``), so it loads the
 model and the config's data source; clients receive the resolved config in every message and
@@ -33,17 +34,21 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     import torch
 
+    from fedlora.app import checkpoint
+    from fedlora.app.run_dir import RunDir, resume_config, summarize
     from fedlora.config import build_config, to_yaml
+    from fedlora.federation.experiment import prepare
+    from fedlora.federation.server import Server
     from fedlora.flower.roster import Roster
     from fedlora.flower.strategy import FedLoraStrategy
-    from fedlora.sim.experiment import prepare
-    from fedlora.sim.run_dir import RunDir, summarize
 
     t0 = time.perf_counter()
     settings = RunSettings.from_run_config(context.run_config)
     cfg = settings.load()
     out = settings.run_dir(cfg)
-    run = RunDir(out)  # refuses a folder that already holds files, before any waiting
+    if settings.resume:  # the run's own settings; the folder must hold its config
+        cfg = resume_config(out, out / "config.yaml", [f"output.dir={out}"])
+    run = RunDir(out, resume=settings.resume)  # refuses a folder that already holds files, before any waiting
     roster = Roster(cfg.federation.num_clients)
     log(INFO, "waiting for %d SuperNodes (one per partition)", cfg.federation.num_clients)
     roster.wait_for_all(grid, settings.node_timeout)
@@ -52,13 +57,17 @@ def main(grid: Grid, context: Context) -> None:
     cfg = build_config(cfg.model_dump(mode="json"), overrides)  # node-declared ranks win; the real run folder
     torch.manual_seed(cfg.seed)
     exp = prepare(cfg)
-    run.write_config(cfg)
-    run.write_partition(exp.partition_info)
+    server = Server(exp)
+    done = checkpoint.resume(run, server) if settings.resume else []
+    if not settings.resume:
+        run.write_config(cfg)
+        run.write_partition(exp.partition_info)
+    start = done[-1]["round"] if done else 0
     strategy = FedLoraStrategy(
-        exp, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
-        checkpoints=out / "checkpoints" if settings.checkpoint_deltas else None,
+        server, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
+        checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=out.name, deltas=settings.checkpoint_deltas,
     )
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds - start, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
     if cfg.output.save_final:
         save_final(exp, out / "final")
     metrics = run.read_metrics()

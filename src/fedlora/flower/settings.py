@@ -37,6 +37,7 @@ class RunSettings:
     round_timeout: float = 3600.0  # seconds to wait for a round's replies
     node_timeout: float = 600.0  # seconds to wait for every partition's SuperNode to connect
     checkpoint_deltas: bool = False  # write checkpoints/round-<t>-delta.safetensors (G_t − W_0 as low-rank terms)
+    resume: bool = False  # continue the run in output-dir from its newest complete checkpoint
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "RunSettings":
@@ -47,6 +48,7 @@ class RunSettings:
             round_timeout=float(rc.get("round-timeout", cls.round_timeout)),
             node_timeout=float(rc.get("node-timeout", cls.node_timeout)),
             checkpoint_deltas=bool(rc.get("checkpoint-deltas", False)),
+            resume=bool(rc.get("resume", False)),
         )
 
     def load(self) -> Config:

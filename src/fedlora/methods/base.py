@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fedlora.ops.lowrank import Term
+from fedlora.ops.lowrank import LowRank, Term
 
 LayerShapes = Mapping[str, tuple[int, int]]
 """Adapted layer name (base-model module path) → (d_out, d_in)."""
@@ -21,19 +21,10 @@ Delta = dict[str, list[Term]]
 """Per layer, terms (low-rank pairs, or a dense matrix) that sum to a weight delta."""
 
 
-@dataclass
-class Factors:
-    """One client's LoRA on one layer, PEFT convention: B (d_out × r), A (r × d_in), no scale."""
+Factors = LowRank
+"""One client's LoRA on one layer, PEFT convention: B (d_out × r), A (r × d_in), no scale folded in.
 
-    B: torch.Tensor
-    A: torch.Tensor
-
-    def __post_init__(self) -> None:
-        assert self.B.shape[1] == self.A.shape[0], f"rank mismatch: B {tuple(self.B.shape)} A {tuple(self.A.shape)}"
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
+The same type as every other low-rank pair: a scale is what the holder says it is."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +132,11 @@ class Method:
     def plan(self, client: int, round: int) -> ClientPlan:
         raise NotImplementedError
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
+        """Fold the round's updates into the state; ``weights`` may be unnormalised (example counts).
+
+        Returns each update's weight as applied, normalised to sum 1 (empty: the method averages nothing).
+        """
         raise NotImplementedError
 
     def global_delta(self) -> Delta:

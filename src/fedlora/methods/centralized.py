@@ -39,10 +39,11 @@ class Centralized(Method):
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         """The one pooled model's upload becomes the model; the server owns it once it arrives (no copy)."""
         (update,) = updates
         self.factors = dict(update.factors)
+        return [1.0]
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

@@ -54,8 +54,8 @@ class FedIT(Folds):
         """Add w_k B_k and w_k A_k into the running sums, in place."""
         acc.add(u.client, float(weight))
         for name in self.factors:
-            add_weighted(acc.layers, name + ".B", u.factors[name].B, weight)
-            add_weighted(acc.layers, name + ".A", u.factors[name].A, weight)
+            add_weighted(acc.layers, name + ".B", u.factors[name].B, weight, self.setup.dtype)
+            add_weighted(acc.layers, name + ".A", u.factors[name].A, weight, self.setup.dtype)
 
     def commit(self, acc: Sum) -> None:
         """B̄ = Σ w_k B_k / Σ w_k, Ā = Σ w_k A_k / Σ w_k."""

@@ -32,6 +32,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.ops.weights import normalised
 from fedlora.methods.similarity import module_similarity
 
 
@@ -105,15 +106,14 @@ class FedPLoRA(Method):
         update.meta["indices"] = plan.meta["indices"].clone()
         return update
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         """Per-module average over the clients that trained it; untrained modules are kept bit for bit.
 
         Each client's coefficient on module j is normalised first (w_kj = w_k / Σ_{i∈C_j} w_i),
         so a module trained by one client gets coefficient exactly 1 and is copied exactly. If
         every trainer of j has p_k = 0 under ``weights: data``, j is averaged uniformly.
         """
-        if self.uniform:
-            weights = [1.0] * len(updates)
+        weights = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
         chosen = [self._indices_of(u) for u in updates]
         den = torch.zeros(self.R, dtype=torch.float64)
         count = torch.zeros(self.R, dtype=torch.float64)
@@ -127,12 +127,13 @@ class FedPLoRA(Method):
             B, A = torch.zeros_like(f.B), torch.zeros_like(f.A)
             for u, K, c in zip(updates, chosen, coefs):
                 c = c.to(f.B.dtype)
-                B.index_add_(1, K, u.factors[name].B * c)  # Σ_k w_kj b_j^k into columns K: (d_out × r_k)
-                A.index_add_(0, K, u.factors[name].A * c[:, None])  # rows K: (r_k × d_in)
+                B.index_add_(1, K, u.factors[name].B.to(f.B.dtype) * c)  # Σ_k w_kj b_j^k into columns K: (d_out × r_k)
+                A.index_add_(0, K, u.factors[name].A.to(f.A.dtype) * c[:, None])  # rows K: (r_k × d_in); the state keeps its dtype
             if untrained.numel():  # modules nobody trained keep their values
                 B.index_copy_(1, untrained, f.B.index_select(1, untrained))
                 A.index_copy_(0, untrained, f.A.index_select(0, untrained))
             self.factors[name] = Factors(B=B, A=A)
+        return weights  # per client; each module renormalises them over the clients that trained it
 
     def _indices_of(self, update: ClientUpdate) -> torch.Tensor:
         K = update.meta.get("indices")

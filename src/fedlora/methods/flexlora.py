@@ -33,6 +33,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
+from fedlora.ops.weights import normalised
 
 
 class FlexLoRA(Method):
@@ -72,15 +73,15 @@ class FlexLoRA(Method):
                 init[name] = Factors(B=(B / scale).to(self.setup.dtype), A=A.to(self.setup.dtype))
         return ClientPlan(client=client, round=round, rank=rank, rank_pattern=pattern, scale=scale, init=init)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
-        if self.uniform:
-            weights = [1.0 / len(updates)] * len(updates)
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
+        weights = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
         self.delta = {
-            name: stack([LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p)) for u, p in zip(updates, weights)])
+            name: stack([LowRank(u.factors[name].B, u.factors[name].A * (u.scale * p)) for u, p in zip(updates, weights)]).to(self.setup.dtype)
             for name in self.setup.layers
         }  # per layer (d_out × Σr_k) @ (Σr_k × d_in) = Σ p_k s_k B_k A_k
         self.round = round
         self._basis = None
+        return weights
 
     def after_load(self) -> None:
         """The SVD cache belongs to the state it was computed from."""

@@ -30,10 +30,16 @@ class Sum:
     layers: dict[str, Any] = field(default_factory=dict)
     total: float = 0.0
     clients: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
     def add(self, client: int, weight: float) -> None:
         self.total += weight
         self.clients.append(client)
+        self.weights.append(weight)
+
+    def applied(self) -> dict[int, float]:
+        """Each client's normalised weight w_k / Σ w as the method applied it (metrics' ``weights``)."""
+        return {k: w / self.total for k, w in zip(self.clients, self.weights)} if self.total > 0 else {}
 
     def norm(self) -> float:
         """1 / Σ w_k."""
@@ -46,11 +52,13 @@ class Folds(Method):
 
     folds = True
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         acc = self.begin(round)  # type: ignore[attr-defined]
         for u, w in zip(updates, weights):
             self.fold(acc, u, w)  # type: ignore[attr-defined]
         self.commit(acc)  # type: ignore[attr-defined]
+        applied = acc.applied()
+        return [applied.get(u.client, 0.0) for u in updates]
 
 
 class FoldsB(Folds):

@@ -26,6 +26,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, padded_sum, seeded_generator, truncate
+from fedlora.ops.weights import normalised
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class HetLoRA(Method):
         factors = {n: Factors(*truncate(f.B, f.A, pruned_rank(f.rank, gamma, r_min))) for n, f in update.factors.items()}
         return replace(update, factors=factors, meta={**update.meta, "rank": pruned_rank(plan.rank, gamma, r_min)})
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         """B̃_g = Σ w_k pad(s_k B_k), A_g = Σ w_k pad(A_k) over the sampled clients; learn pruned ranks."""
         for u in updates:
             self._learn_ranks(u)
@@ -149,22 +150,24 @@ class HetLoRA(Method):
             B = padded_sum([f.B for f in fs], [wk * u.scale for wk, u in zip(w, updates)], R, 1, dt)  # Σ w_k pad(s_k B_k): (d_out × R)
             new[n] = LowRank(B, padded_sum([f.A for f in fs], w, R, 0, dt))  # Σ w_k pad(A_k): (R × d_in)
         self.glob, self.last_weights = new, w
+        return w
 
     def global_delta(self) -> Delta:
         """G_t − W_0 = B̃_g A_g per layer (= s·B_g A_g with one common scale)."""
         return {n: [LowRank(g.B, g.A)] for n, g in self.glob.items()}
 
     def _weights(self, updates: list[ClientUpdate], weights: list[float]) -> list[float]:
-        """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense); p_k if every norm is 0.
+        """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense), 0 for a client with no example; p_k if every norm is 0.
 
-        One client's single term cannot cancel, so the r × r Gram form, in the factors' own dtype,
-        is exact enough here: no QR, no copy of the 4096 × r factors (the benchmark's hot spots).
+        One client's single term cannot cancel, so the r × r Gram form is exact enough here (no QR);
+        it is taken in float64, where ‖·‖² neither overflows nor underflows for any float32 factor.
         """
+        p = normalised(weights)
         if not self.by_norm:
-            return list(weights)
-        norms = [abs(u.scale) * math.sqrt(sum(frob_norm_gram([LowRank(f.B, f.A)]) ** 2 for f in u.factors.values())) for u in updates]
-        total = sum(norms)
-        return [x / total for x in norms] if total > 0 else list(weights)
+            return p
+        norms = [0.0 if pk == 0 else abs(u.scale) * math.sqrt(sum(frob_norm_gram([LowRank(f.B.double(), f.A.double())]) ** 2 for f in u.factors.values()))
+                 for u, pk in zip(updates, p)]
+        return normalised(norms) if sum(norms) > 0 else p
 
     def _learn_ranks(self, u: ClientUpdate) -> None:
         """Record a client's ranks from its upload's shapes; they may only shrink, never below r_min."""

@@ -41,10 +41,11 @@ class LocalOnly(Method):
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in own.items()}
         return ClientPlan(client=client, round=round, rank=rank, rank_pattern=pattern, scale=self.setup.scales[client], init=init)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> None:
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         """Keep each client's upload as its own model; the server owns an upload once it arrives (no copy)."""
         for u in updates:
             self.factors[u.client] = dict(u.factors)
+        return []  # nothing is averaged
 
     def client_delta(self, client: int) -> Delta:
         """Client k's own model: W_0 + s_k B_k A_k."""

@@ -1,7 +1,7 @@
 """A method's state as tensors + JSON, and back: what a checkpoint holds (no pickle).
 
 Every method names its state in ``state_keys`` (attribute paths such as ``base.history``);
-``pack`` turns nested dicts, lists, tensors, ``LowRank``/``Factors`` pairs and plain numbers
+``pack`` turns nested dicts, lists, tensors, ``LowRank`` pairs, ``Dense`` matrices and plain numbers
 into a JSON skeleton whose leaves point into a flat ``{key: tensor}`` map, and ``unpack``
 rebuilds them. A tensor object reached twice is stored once and comes back as one object:
 diagnostics recognise shared low-rank terms (FLoRA's merges, held by the server and by every
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fedlora.methods.base import Factors, Method
+from fedlora.methods.base import Method
 from fedlora.ops.lowrank import Dense, LowRank
 
 Tensors = dict[str, torch.Tensor]
@@ -30,8 +30,8 @@ def pack(obj: Any, tensors: Tensors, memo: dict[int, str] | None = None) -> Any:
             memo[id(obj)] = key = f"t{len(tensors)}"
             tensors[key] = obj.detach().to("cpu").contiguous().clone()
         return {"tensor": memo[id(obj)]}
-    if isinstance(obj, (LowRank, Factors)):
-        return {type(obj).__name__: [pack(obj.B, tensors, memo), pack(obj.A, tensors, memo)]}
+    if isinstance(obj, LowRank):
+        return {"LowRank": [pack(obj.B, tensors, memo), pack(obj.A, tensors, memo)]}
     if isinstance(obj, Dense):
         return {"Dense": pack(obj.W, tensors, memo)}
     if isinstance(obj, dict):
@@ -49,9 +49,9 @@ def unpack(skeleton: Any, tensors: Tensors, memo: dict[str, torch.Tensor] | None
     (kind, body), = skeleton.items()
     if kind == "tensor":
         return memo.setdefault(body, tensors[body])
-    if kind in ("LowRank", "Factors"):
+    if kind == "LowRank":
         B, A = (unpack(x, tensors, memo) for x in body)
-        return LowRank(B, A) if kind == "LowRank" else Factors(B, A)
+        return LowRank(B, A)
     if kind == "Dense":
         return Dense(unpack(body, tensors, memo))
     if kind == "dict":

@@ -57,10 +57,10 @@ class ZeroPad(Folds):
         for name, (d_out, d_in) in self.setup.layers.items():
             f, R = u.factors[name], self.max_rank[name]
             if name not in acc.layers:
-                acc.layers[name] = (torch.zeros(d_out, R, dtype=f.B.dtype), torch.zeros(R, d_in, dtype=f.A.dtype))
+                acc.layers[name] = (torch.zeros(d_out, R, dtype=self.setup.dtype), torch.zeros(R, d_in, dtype=self.setup.dtype))
             B_sum, A_sum = acc.layers[name]
-            B_sum[:, : f.rank].add_(f.B, alpha=w * u.scale)  # Σ w_k pad(s_k B_k): (d_out × R)
-            A_sum[: f.rank].add_(f.A, alpha=w)  # Σ w_k pad(A_k): (R × d_in)
+            B_sum[:, : f.rank].add_(f.B.to(B_sum.dtype), alpha=w * u.scale)  # Σ w_k pad(s_k B_k): (d_out × R)
+            A_sum[: f.rank].add_(f.A.to(A_sum.dtype), alpha=w)  # Σ w_k pad(A_k): (R × d_in)
 
     def commit(self, acc: Sum) -> None:
         """Merge B̄Ā with B̄ = Σ w_k pad(s_k B_k) / Σ w_k, Ā = Σ w_k pad(A_k) / Σ w_k."""

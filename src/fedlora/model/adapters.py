@@ -49,6 +49,7 @@ class AdapterHost:
         self._linears = {n: modules[n] for n in self.layer_names}
         self._pristine = {n: m.weight.detach().clone() for n, m in self._linears.items()}
         self._base: dict[str, torch.Tensor] = {}  # D_v per layer; empty while the base is W_0
+        self._folded: set[str] = set()  # layers whose live weight is not W_v (a fold or a new base not yet written)
         self.version = 0
         # a task head (e.g. a classifier) trained densely by every client; PEFT's wrapping keeps these objects
         self._head = {f"{m}.{p}": t for m in head_modules or [] for p, t in modules[m].named_parameters()}
@@ -71,6 +72,12 @@ class AdapterHost:
         with torch.no_grad():
             for name, linear in self._linears.items():
                 w0, base, terms = self._pristine[name], self._base.get(name), delta.get(name, [])
+                if not terms and name not in self._folded:
+                    continue  # already W_v: nothing to write
+                if terms:
+                    self._folded.add(name)
+                else:
+                    self._folded.discard(name)
                 if base is None and not terms:
                     linear.weight.copy_(w0)
                     continue
@@ -96,6 +103,7 @@ class AdapterHost:
                     self._base[name] = torch.zeros(w0.shape, dtype=accumulation_dtype(w0.dtype), device=w0.device)
                 for t in terms:
                     accumulate(self._base[name], t)
+                self._folded.add(name)  # the live weight is behind its new base
         self.version = update.version
         self.restore()
 
@@ -111,6 +119,7 @@ class AdapterHost:
         """Put a kept base back (``base_state`` of an earlier process)."""
         self._base = {n: t.to(self._pristine[n].device) for n, t in base.items()}
         self.version = version
+        self._folded = set(self.layer_names)  # write every layer once
         self.restore()
 
     @contextmanager

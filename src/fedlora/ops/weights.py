@@ -15,6 +15,13 @@ def data_weights(num_examples: Sequence[int]) -> list[float]:
     return [n / total for n in num_examples]
 
 
+def normalised(weights: Sequence[float]) -> list[float]:
+    """w_k / Σ w (uniform when every weight is 0): a method's weights never scale its aggregate."""
+    assert weights and all(w >= 0 for w in weights), f"weights must be non-negative, got {list(weights)}"
+    total = float(sum(weights))
+    return [float(w) / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
+
+
 def uniform_weights(count: int) -> list[float]:
     assert count > 0, "no clients"
     return [1.0 / count] * count

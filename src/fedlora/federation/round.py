@@ -10,13 +10,15 @@ so the global state of the previous round stays intact.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Method, plan_nbytes, update_nbytes
+import torch
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, plan_nbytes, update_nbytes
 from fedlora.methods.validate import Bounds, check_update
 from fedlora.ops.weights import data_weights
-from fedlora.sim import diagnostics
+from fedlora.federation import diagnostics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class ServerRound:
         self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known
         self.heads: list[dict] = []  # the rows hold everything else a kept reply leaves
         self.rows: list[dict[str, Any]] = []
+        self.lost: list[dict[str, Any]] = []  # clients the transport never heard back from (Flower)
 
     def receive(self, a: Arrival) -> None:
         reason = check_update(a.update, a.plan, self.bounds)
@@ -84,7 +87,7 @@ class ServerRound:
             log.warning("round %d: update of client %d rejected: %s", self.number, a.plan.client, reason)
             self.rejected.append({"id": a.plan.client, "reason": reason})
             return
-        u = a.update
+        u = cast_update(a.update, self.method.setup.dtype)  # the state keeps its own dtype, whatever the upload's
         init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan, self.reference)
         self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
@@ -111,7 +114,7 @@ class ServerRound:
         if len(self.rows) < need:
             raise RoundFailed(
                 f"round {self.number}: {len(self.rows)} usable updates of {len(self.sampled)} sampled clients, federation.min_clients={need}; "
-                f"rejected: {self.rejected}; the previous round's global state is kept"
+                f"rejected: {self.rejected}; lost: {self.lost}; the previous round's global state is kept"
             )
         counts = [r["num_examples"] for r in self.rows]
         weights = data_weights(counts)
@@ -123,15 +126,16 @@ class ServerRound:
                 self.method.fold(self.sum, u, 0.0)  # type: ignore[attr-defined]  # a uniform-weight method still counts it
         if self.folding:
             self.method.commit(self.sum)  # type: ignore[attr-defined]
+            applied = self.sum.applied()
         else:
-            self.method.aggregate(self.updates, weights, self.number)
+            applied = dict(zip((u.client for u in self.updates), self.method.aggregate(self.updates, weights, self.number) or []))
         aggregate_heads([r["id"] for r in self.rows], self.heads, weights)
         after = self.method.global_delta()
         return {
             "round": self.number,
             "method": self.name,
             "clients": self.rows,
-            "weights": weights,
+            "weights": [applied[r["id"]] for r in self.rows] if applied else None,  # as the method applied them
             "agg_noise": None if self.ideal is None else self.ideal.agg_noise(self.before, after),
             "init_noise": None if self.personal else diagnostics.mean_defined(r["init_noise"] for r in self.rows),
             "bytes_up": sum(r["bytes_up"] for r in self.rows),
@@ -140,6 +144,13 @@ class ServerRound:
             "rejected": sorted(self.rejected, key=lambda x: x["id"]),
             **self.method.round_metrics(self.updates),
         }
+
+
+def cast_update(u: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
+    """The update with its factors in ``dtype`` (no copy where they already are)."""
+    if all(f.B.dtype == dtype and f.A.dtype == dtype for f in u.factors.values()):
+        return u
+    return replace(u, factors={n: Factors(f.B.to(dtype), f.A.to(dtype)) for n, f in u.factors.items()})
 
 
 def finish_round(

@@ -23,9 +23,9 @@ import torch
 
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.methods import REGISTRY, Method, MethodError, Setup, build_method
-from fedlora.sim.experiment import Experiment, check_model, prepare
+from fedlora.federation.experiment import Experiment, check_model, prepare
 from fedlora.sim.federation import Hooks, Simulation
-from fedlora.sim.run_dir import RunDir, summarize, write_json
+from fedlora.app.run_dir import RunDir, summarize, write_json
 
 log = logging.getLogger(__name__)
 

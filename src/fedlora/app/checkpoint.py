@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,23 +26,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlora.methods.state import load_state, pack, state_of, unpack
+from fedlora.methods.state import pack, unpack
 
 if TYPE_CHECKING:
+    from fedlora.app.run_dir import RunDir
+    from fedlora.federation.server import Server
     from fedlora.sim.federation import Simulation
-    from fedlora.sim.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 KEEP = 2
-KILL_ENV = "FEDLORA_TEST_KILL_AT"
 _NAME = re.compile(r"round-(\d+)")
-
-
-def kill_point(name: str, round: int) -> None:
-    """Test hook: SIGKILL this process at a named point (``FEDLORA_TEST_KILL_AT=<name>:<round>``)."""
-    if os.environ.get(KILL_ENV) == f"{name}:{round}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync(path: Path) -> None:
@@ -69,18 +62,19 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def save(folder: Path, sim: Simulation, round: int, metrics: list[dict[str, Any]]) -> Path:
-    """Write ``folder/round-<t>`` atomically; drop older checkpoints beyond the last ``KEEP``."""
-    from fedlora.sim.run_dir import clean_json
+def save(folder: Path, server: Server, round: int, lines: int, last: dict[str, Any]) -> Path:
+    """Write ``folder/round-<t>`` atomically; drop older checkpoints beyond the last ``KEEP``.
 
-    method = sim.exp.method
-    state = {"method": state_of(method), "heads": sim.heads}
+    ``lines``: how many entries of metrics.jsonl the checkpoint covers; ``last``: the newest one.
+    """
+    from fedlora.app.run_dir import clean_json
+
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = pack(state, tensors)
+    skeleton = pack(server.state(), tensors)
     rng_tensors, rng = _rng_state()
     tensors.update(rng_tensors)
-    meta = {"format": FORMAT, "round": round, "method": method.name, "state": skeleton, "rng": rng,
-            "metrics_lines": len(metrics), "last": clean_json(metrics[-1])}
+    meta = {"format": FORMAT, "round": round, "method": server.method.name, "state": skeleton, "rng": rng,
+            "metrics_lines": lines, "last": clean_json(last)}
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"round-{round:04d}"
@@ -89,7 +83,6 @@ def save(folder: Path, sim: Simulation, round: int, metrics: list[dict[str, Any]
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
     _fsync(tmp / "state.safetensors")
-    kill_point("mid-checkpoint", round)
     (tmp / "state.json").write_text(json.dumps(meta))
     _fsync(tmp / "state.json")
     _fsync(tmp)
@@ -101,7 +94,6 @@ def save(folder: Path, sim: Simulation, round: int, metrics: list[dict[str, Any]
         shutil.rmtree(old, ignore_errors=True)
     for stale in folder.glob(".round-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    kill_point("after-checkpoint", round)
     return final
 
 
@@ -113,33 +105,33 @@ def complete(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load(path: Path, sim: Simulation, recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Restore a checkpoint into a freshly prepared simulation; the lines of ``recorded`` (metrics.jsonl) it covers."""
+def load(path: Path, server: Server, recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Restore a checkpoint into a freshly prepared server; the lines of ``recorded`` (metrics.jsonl) it covers."""
     meta = json.loads((path / "state.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
-    method = sim.exp.method
-    if meta["method"] != method.name:
-        raise ValueError(f"{path}: a checkpoint of method {meta['method']!r}, not {method.name!r}")
+    if meta["method"] != server.method.name:
+        raise ValueError(f"{path}: a checkpoint of method {meta['method']!r}, not {server.method.name!r}")
     tensors = load_file(str(path / "state.safetensors"))
-    state = unpack(meta["state"], tensors)
     count = int(meta["metrics_lines"])
     done = recorded[:count]
     if len(done) != count or [e.get("round") for e in done] != list(range(count)):
         raise ValueError(f"{path}: metrics.jsonl holds rounds {[e.get('round') for e in recorded][:20]}, the checkpoint needs rounds 0..{count - 1}")
-    load_state(method, state["method"])
-    sim.heads = state["heads"]
-    sim.sync_base()  # the model's merged base, rebuilt from the method's state in the order it was built
+    server.load(unpack(meta["state"], tensors))
     _set_rng_state(tensors, meta["rng"])
     return done
 
 
-def run_with_checkpoints(sim: Simulation, run: RunDir, resume: bool = False) -> None:
-    """The simulation with a checkpoint after every round; ``resume``: from the newest complete one."""
-    done = None
-    if resume:
-        found = complete(run.checkpoints)
-        done = load(found[-1], sim, run.read_metrics() if run.metrics.is_file() else []) if found else []
-        run.rewrite_metrics(done)  # lines of rounds after the checkpoint are redone
-        log.info("resuming %s after round %s", run.path, done[-1]["round"] if done else "none (no complete checkpoint)")
-    sim.run(run.record, checkpoint=lambda rnd, metrics: save(run.checkpoints, sim, rnd, metrics), done=done)
+def resume(run: RunDir, server: Server) -> list[dict[str, Any]]:
+    """Load the newest complete checkpoint of ``run`` and cut metrics.jsonl back to it; the entries kept."""
+    found = complete(run.checkpoints)
+    done = load(found[-1], server, run.read_metrics() if run.metrics.is_file() else []) if found else []
+    run.rewrite_metrics(done)  # lines of rounds after the checkpoint are redone
+    log.info("resuming %s after round %s", run.path, done[-1]["round"] if done else "none (no complete checkpoint)")
+    return done
+
+
+def run_with_checkpoints(sim: Simulation, run: RunDir, resume_run: bool = False) -> None:
+    """The simulation with a checkpoint after every round; ``resume_run``: from the newest complete one."""
+    done = resume(run, sim.server) if resume_run else None
+    sim.run(run.record, checkpoint=lambda rnd, metrics: save(run.checkpoints, sim.server, rnd, len(metrics), metrics[-1]), done=done)

@@ -1,0 +1,140 @@
+"""The server half of every round, written once for the simulator and for Flower.
+
+``open`` samples the round's clients and plans for each; ``receive`` takes one reply at a time
+(validate → record → fold in, ``federation.round``); ``close`` commits the aggregate and the task
+heads, brings the model's base to the new version, evaluates when due and returns the round's
+metrics entry. ``state``/``load`` are what a checkpoint holds, for both transports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+
+from fedlora.federation.heads import Heads
+from fedlora.federation.round import Arrival, ServerRound, bounds_of
+from fedlora.methods.base import ClientPlan
+from fedlora.methods.state import load_state, state_of
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
+    """max(min_clients, round(fraction·N)) clients without replacement, seeded by (seed, round)."""
+    m = min(num_clients, max(min_clients, round_half_up(fraction * num_clients)))
+    rng = np.random.default_rng([seed, round])
+    return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
+
+
+@dataclass
+class Round:
+    """One open round: who was sampled, the plans still to send, the server's running half."""
+
+    number: int
+    sampled: list[int]
+    plans: dict[int, ClientPlan]
+    server: ServerRound
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class Server:
+    """Holds the method, the task heads and the model used for evaluation; runs the server half."""
+
+    def __init__(self, exp: Any) -> None:
+        self.exp = exp
+        self.method = exp.method
+        self.heads = Heads(exp.host.initial_head(), [c.id for c in exp.clients], exp.method.personal)
+        cfg = exp.cfg
+        self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, adalora=cfg.lora.adapter == "adalora")
+
+    # ---- a round ------------------------------------------------------------------------------
+
+    def sample(self, number: int) -> list[int]:
+        fed, seed = self.exp.cfg.federation, self.exp.cfg.seed
+        return [0] if self.method.pooled else sample_clients(fed.num_clients, fed.fraction, fed.min_clients, seed, number)
+
+    def open(self, number: int, rejected: list[dict[str, Any]] | None = None) -> Round:
+        fed = self.exp.cfg.federation
+        sampled = self.sample(number)
+        before = self.method.global_delta()
+        plans = {}
+        for k in sampled:
+            plans[k] = self.method.plan(k, number)
+            plans[k].head = self.heads.of(k)
+        return Round(number, sampled, plans, ServerRound(self.method, self.bounds, number, fed.method, sampled, fed.min_clients, before, rejected))
+
+    def train_data(self, client: int) -> list[Any]:
+        """What client k trains on in process (the pooled reference: everyone's data)."""
+        clients = self.exp.clients
+        return [e for c in clients for e in c.train] if self.method.pooled else clients[client].train
+
+    def receive(self, rnd: Round, arrival: Arrival) -> None:
+        rnd.server.receive(arrival)
+
+    def close(self, rnd: Round) -> dict[str, Any]:
+        """Commit the round; evaluate when ``eval.every`` says so and at the last round."""
+        cfg = self.exp.cfg
+        entry = rnd.server.finish(self.heads.aggregate)
+        self.sync_base()
+        if rnd.number % cfg.eval.every == 0 or rnd.number == cfg.federation.rounds:
+            entry["eval"] = self.evaluate()
+        entry["wall_s"] = time.perf_counter() - rnd.t0
+        entry["rss_mb"] = psutil.Process().memory_info().rss / 2**20  # flat in rounds (methods.md §4)
+        return entry
+
+    def round_zero(self) -> dict[str, Any]:
+        """The evaluation before training: metrics.jsonl's first line."""
+        t0 = time.perf_counter()
+        entry = {"round": 0, "method": self.exp.cfg.federation.method, "clients": [], "eval": self.evaluate()}
+        entry["wall_s"] = time.perf_counter() - t0
+        return entry
+
+    def sync_base(self) -> None:
+        """Add the round's merge to the model's base, once, in place (merging methods only)."""
+        merged = self.method.merged
+        if merged is not None:
+            self.exp.host.catch_up(merged.update_since(self.exp.host.version))
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Global model G_t on the global test split and on every client's test split.
+
+        A personal method (``local``) has no global model: each client is evaluated with its own
+        model, and the global split's loss is the mean of the clients' models on it.
+        """
+        exp = self.exp
+        args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
+        score = lambda data: exp.trainer.task.evaluate(exp.host.model, data, *args)  # noqa: E731
+        try:
+            if self.method.personal:
+                clients, on_global = {}, []
+                for c in exp.clients:
+                    exp.host.set_delta(self.method.client_delta(c.id))
+                    exp.host.set_head(self.heads.of(c.id))
+                    clients[str(c.id)] = score(c.test)
+                    on_global.append(score(exp.global_test))
+                return {"global": {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]}, "clients": clients}
+            exp.host.set_delta(self.method.adapter_delta())  # over the base, which already holds the merges
+            exp.host.set_head(self.heads.of(-1))
+            return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients}}
+        finally:
+            exp.host.restore()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The live objects a checkpoint holds: the method's state and the task heads."""
+        return {"method": state_of(self.method), "heads": self.heads.state()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        load_state(self.method, state["method"])
+        self.heads.load(state["heads"])
+        self.exp.host.reset_base()
+        self.sync_base()  # the model's merged base, rebuilt from the method's state in the order it was built
