@@ -25,7 +25,6 @@ from fedlora.config import load_config, packaged_config
 from fedlora.data.batching import collate, length_grouped_batches
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.federation.experiment import prepare
-from fedlora.train.client import ClientState
 
 
 def plain_peft(exp, train: list, rank: int, scale: float, steps: int, seed: int) -> tuple[float, int]:

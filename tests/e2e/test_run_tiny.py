@@ -72,35 +72,47 @@ def test_loss_falls_round_by_round(tiny_run):
     assert losses[2] < losses[1] < losses[0]
 
 
-def test_bad_override_exits_2_with_one_line(tmp_path):
-    proc = fedlora("run", str(ROOT / "configs" / "tiny.yaml"), "lora.ranks=[4,2]", cwd=tmp_path)
-    assert proc.returncode == 2
-    msg = proc.stderr.strip()
+def run_cli(*args: str, cwd: Path, monkeypatch, capfd) -> tuple[int, str, str]:
+    """``fedlora ARGS`` in this process (exit code, stdout, stderr), from ``cwd``."""
+    from fedlora.cli import main
+
+    monkeypatch.chdir(cwd)
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_bad_override_exits_2_with_one_line(tmp_path, monkeypatch, capfd):
+    code, _, err = run_cli("run", str(ROOT / "configs" / "tiny.yaml"), "lora.ranks=[4,2]", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 2
+    msg = err.strip()
     assert msg.startswith("error: lora.ranks: 2 ranks [4, 2] for federation.num_clients=3") and "\n" not in msg
     assert not any(tmp_path.iterdir())  # nothing written before the config is valid
 
 
-def test_overrides_without_a_config_apply_to_the_default(tmp_path):
-    proc = fedlora("run", "federation.rounds=0", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: federation.rounds:")
+def test_overrides_without_a_config_apply_to_the_default(tmp_path, monkeypatch, capfd):
+    code, _, err = run_cli("run", "federation.rounds=0", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 2 and err.strip().startswith("error: federation.rounds:")
 
 
-def test_methods_command_lists_every_method_and_option(tmp_path):
+def test_methods_command_lists_every_method_and_option(tmp_path, monkeypatch, capfd):
     from fedlora.methods import REGISTRY
 
-    proc = fedlora("methods", cwd=tmp_path)
-    assert proc.returncode == 0
+    code, out, _ = run_cli("methods", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 0
     for name, cls in REGISTRY.items():
-        assert name in proc.stdout
+        assert name in out
         for option in cls.options:
-            assert option in proc.stdout
+            assert option in out
 
 
-def test_data_command_prints_the_split_and_writes_a_heatmap(tmp_path):
-    proc = fedlora("data", str(ROOT / "configs" / "tiny.yaml"), "data.partition=pathological", "data.classes_per_client=7", "output.dir=split", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_data_command_prints_the_split_and_writes_a_heatmap(tmp_path, monkeypatch, capfd):
+    code, out, err = run_cli("data", str(ROOT / "configs" / "tiny.yaml"), "data.partition=pathological", "data.classes_per_client=7", "output.dir=split",
+                             cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 0, err[-2000:]
     png = tmp_path / "split" / "partition.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     info = json.loads((tmp_path / "split" / "partition.json").read_text())
     assert len(info["clients"]) == 3 and all(len(c["categories"]) == 7 for c in info["clients"])
-    assert "client" in proc.stdout and "pathological" in proc.stdout
+    assert "client" in out and "pathological" in out

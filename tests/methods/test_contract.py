@@ -12,7 +12,7 @@ import torch
 
 from fedlora.federation.round import Arrival, bounds_of, finish_round, start_of
 from fedlora.methods import REGISTRY, Setup, build_method
-from fedlora.methods.base import ClientUpdate, Factors
+from fedlora.methods.base import Factors
 from fedlora.methods.errors import MethodError
 
 from tests.conftest import random_update, rel_err
