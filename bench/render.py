@@ -60,6 +60,24 @@ def communication(doc: dict) -> list[str]:
     return out
 
 
+def rounds(doc: dict) -> list[str]:
+    r = doc["results"]
+    out = ["| method | layer | server s, round 2 → 50 → 200 | client prep s, round 2 → 200 | state MB, round 2 → 50 → 200 | "
+           "checkpoint MB, round 200 | MB down per client, round 2 → 200 | RSS MB, round 2 → 200 |", "|---|---|---|---|---|---|---|---|"]
+    for m, x in r["methods"].items():
+        a = {int(k): v for k, v in x["at"].items()}
+        last = max(a)
+        mid = a.get(50, a[last])
+        out.append(
+            f"| `{m}` | {x.get('d', r['d'])}² | {a[2]['server_s']:.3f} → {mid['server_s']:.3f} → {a[last]['server_s']:.3f} "
+            f"| {a[2]['client_prep_s']:.3f} → {a[last]['client_prep_s']:.3f} "
+            f"| {a[2]['state_bytes'] / 1e6:.1f} → {mid['state_bytes'] / 1e6:.1f} → {a[last]['state_bytes'] / 1e6:.1f} "
+            f"| {a[last]['checkpoint_bytes'] / 1e6:.1f} | {a[2]['down_bytes_per_client'] / 1e6:.2f} → {a[last]['down_bytes_per_client'] / 1e6:.2f} "
+            f"| {a[2]['rss_mb']:.0f} → {a[last]['rss_mb']:.0f} |"
+        )
+    return out
+
+
 def main() -> None:
     paths = [Path(p) for p in sys.argv[1:]] or sorted(benchlib.RESULTS.glob("*.json"))
     for p in paths:

@@ -59,3 +59,12 @@ def test_flower_app_folder_declares_every_run_config_key():
     read = {"config-path", "overrides", "output-dir", "round-timeout", "node-timeout", "checkpoint-deltas", "resume"}
     assert declared == read
     assert sorted(p.name for p in APP_DIR.iterdir() if p.name != "__pycache__") == ["pyproject.toml"]
+
+
+def test_flower_node_state_is_keyed_by_the_run_folder_not_its_name(tmp_path):
+    """Two runs in folders of the same name keep separate node bases; a restarted ServerApp finds its own."""
+    from fedlora.flower.server_app import run_key
+
+    a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
+    assert run_key(a) != run_key(b) and run_key(a) == run_key(tmp_path / "x" / ".." / "x" / "run")
+    assert run_key(a).startswith("run-")

@@ -117,3 +117,17 @@ def test_model_base_has_the_servers_bits_whether_it_merges_each_round_or_resets(
     host.load_base(version, base)  # a node's saved base
     assert all(torch.equal(p, every_round[n]) for n, p in tiny_llama.state_dict().items())
     host.reset_base()
+
+
+def test_a_base_left_by_another_run_is_refused(tiny_llama, gen):
+    """A node's saved base from a merging run must not leak into a run of a method that never merges."""
+    import pytest
+
+    host, shapes = _host(tiny_llama)
+    m = build_method("flora", Setup(shapes, {0: 2}, {0: 2.0}, dtype=torch.float64))
+    m.aggregate([random_update(0, shapes, 2, 2.0, 10, gen)], [1.0], 1)
+    host.catch_up(m.merged.update_since(0))
+    with pytest.raises(RuntimeError, match="never merges"):
+        host.catch_up(None)
+    host.reset_base()
+    host.catch_up(None)  # the pristine base: fine

@@ -22,7 +22,7 @@ def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_p
     tests/methods/test_properties.py, resume after SIGKILL in tests/e2e/test_resume.py."""
     whole, saved = [], {}
     sim = Simulation(_experiment(tiny_llama, name, ranks))
-    sim.run(whole.append, checkpoint=lambda rnd, metrics: saved.setdefault(rnd, checkpoint.save(tmp_path / "ck", sim.server, rnd, len(metrics), metrics[-1])))
+    sim.run(whole.append, checkpoint=lambda entry, lines: saved.setdefault(entry["round"], checkpoint.save(tmp_path / "ck", sim.server, entry["round"], lines, entry)))
     final = {n: [[x.clone() for x in t.tensors()] for t in ts] for n, ts in sim.exp.method.global_delta().items()}
     weights = {n: p.clone() for n, p in sim.exp.host.model.state_dict().items()}
     assert [p.name for p in checkpoint.complete(tmp_path / "ck")] == ["round-0001", "round-0002"]  # the last two

@@ -134,4 +134,4 @@ def resume(run: RunDir, server: Server) -> list[dict[str, Any]]:
 def run_with_checkpoints(sim: Simulation, run: RunDir, resume_run: bool = False) -> None:
     """The simulation with a checkpoint after every round; ``resume_run``: from the newest complete one."""
     done = resume(run, sim.server) if resume_run else None
-    sim.run(run.record, checkpoint=lambda rnd, metrics: save(run.checkpoints, sim.server, rnd, len(metrics), metrics[-1]), done=done)
+    sim.run(run.record, checkpoint=lambda entry, lines: save(run.checkpoints, sim.server, entry["round"], lines, entry), done=done)

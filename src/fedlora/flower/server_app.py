@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     start = done[-1]["round"] if done else 0
     strategy = FedLoraStrategy(
         server, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
-        checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=out.name, deltas=settings.checkpoint_deltas,
+        checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=run_key(out), deltas=settings.checkpoint_deltas,
     )
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds - start, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
     if cfg.output.save_final:
@@ -80,6 +80,13 @@ def main(grid: Grid, context: Context) -> None:
     })
     run.write_summary(summary)
     log(INFO, "fedlora run folder: %s (global loss %s → %s)", out, summary["global_loss"]["before"], summary["global_loss"]["after"])
+
+
+def run_key(folder: Path) -> str:
+    """Names each node's saved base: one per run folder, the same for a ServerApp restarted on it (not Flower's run id)."""
+    import hashlib
+
+    return f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]}"
 
 
 def save_final(exp, folder: Path) -> None:

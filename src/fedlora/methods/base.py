@@ -68,7 +68,7 @@ class ClientPlan:
     """What the server sends client k for one round.
 
     - ``base``: what brings the client's persistent frozen base up to the current version
-      (merging methods; None when it is there already or the method never merges).
+      (merging methods: always, empty when it is there already; None: the method never merges).
     - ``fold``: deltas folded into the frozen weights for this round only (Fed-PLoRA).
     - ``init``: the adapter's starting factors, or None for a fresh PEFT init (B = 0).
     """

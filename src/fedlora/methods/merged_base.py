@@ -85,15 +85,18 @@ class MergedBase:
         for client in trained:
             self.synced[client] = self.version - 1
 
-    def update_for(self, client: int) -> BaseUpdate | None:
+    def update_for(self, client: int) -> BaseUpdate:
         """What brings client k's base from its version to the current one, in the cheapest exact form per layer."""
         return self.update_since(self.synced.get(client, 0))
 
-    def update_since(self, since: int) -> BaseUpdate | None:
-        """What brings a base at version ``since`` to the current one (per layer: the missed merges or a reset)."""
+    def update_since(self, since: int) -> BaseUpdate:
+        """What brings a base at version ``since`` to the current one (per layer: the missed merges or a reset).
+
+        Empty when it is there already: the client can still check that its base is at that version.
+        """
         now = self.version
         if since == now:
-            return None
+            return BaseUpdate(since=now, version=now)
         merges: Delta = {}
         reset: Delta = {}
         for name, kept in self.recent.items():

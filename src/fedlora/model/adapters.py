@@ -91,8 +91,15 @@ class AdapterHost:
         self.set_delta({})
 
     def catch_up(self, update: BaseUpdate | None) -> None:
-        """Bring the base to the update's version: add each merge once, in place; a reset layer starts from W_0."""
-        if update is None or update.version == self.version:
+        """Bring the base to the update's version: add each merge once, in place; a reset layer starts from W_0.
+
+        ``None`` (a method that never merges) requires the pristine base: a base left by another run is refused.
+        """
+        if update is None:
+            if self.version != 0:
+                raise RuntimeError(f"model base at version {self.version}, but this method never merges: a base of another run?")
+            return
+        if update.version == self.version:
             return
         if update.since != self.version:
             raise RuntimeError(f"model base at version {self.version}, the update brings {update.since} to {update.version}")

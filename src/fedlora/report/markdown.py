@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.evaluation.runs import Run, open_run
-from fedlora.report.plots import plot_clients, plot_global, plot_noise, plot_similarity
+from fedlora.report.plots import plot_clients, plot_cost, plot_global, plot_noise, plot_similarity
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
@@ -27,6 +27,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
         f"Each client's own test {metric}": plot_clients(metrics, labels, folder / "report-clients.png", metric),
         "Aggregation and initialisation noise (agg_noise, init_noise)": plot_noise(metrics, labels, folder / "report-noise.png"),
         "Fed-PLoRA module similarity across clients": plot_similarity(metrics, labels, folder / "report-similarity.png"),
+        "Cost per round (wall time, memory)": plot_cost(metrics, labels, folder / "report-cost.png"),
     }
     lines = ["# fedlora report", "", *_overview(runs, labels), ""]
     for title, png in plots.items():

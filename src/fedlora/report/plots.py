@@ -110,6 +110,21 @@ def plot_similarity(runs: Sequence[Metrics], labels: Sequence[str], path: str | 
     return _save(fig, path, drawn)
 
 
+def plot_cost(runs: Sequence[Metrics], labels: Sequence[str], path: str | Path) -> Path | None:
+    """Wall seconds and resident memory per round: flat lines say a round costs what the first did."""
+    fig, axes = _figure(2)
+    drawn = False
+    for ax, key, ylabel in zip(axes, ("wall_s", "rss_mb"), ("wall seconds per round", "process RSS after the round (MB)")):
+        for run, label in zip(runs, labels):
+            xs, ys = series(run, lambda e: e["round"], lambda e, key=key: e.get(key) if e["round"] > 0 else None)  # round 0 only evaluates
+            if xs:
+                drawn = True
+                ax.plot(xs, ys, marker=".", linewidth=1, label=label)
+        _integer_x(ax)
+        ax.set(xlabel="round", ylabel=ylabel, ylim=(0, None))
+    return _save(fig, path, drawn)
+
+
 def _figure(panels: int) -> tuple[Any, list[Any]]:
     """A Figure on an Agg canvas (no pyplot, no global backend) and its axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

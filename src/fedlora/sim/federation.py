@@ -14,7 +14,8 @@ from fedlora.federation.client import client_round
 from fedlora.federation.round import Arrival, start_of
 from fedlora.federation.server import Server
 
-Checkpoint = Callable[[int, list[dict[str, Any]]], None]
+Checkpoint = Callable[[dict[str, Any], int], None]
+"""After a round's entry is recorded: (the entry, how many lines metrics.jsonl now holds)."""
 
 
 @dataclass
@@ -48,20 +49,22 @@ class Simulation:
             done: list[dict[str, Any]] | None = None) -> None:
         """Round 0 (evaluation before training), then every round; ``done``: the entries of a resumed run.
 
-        ``checkpoint(round, metrics so far)`` runs after each round's entry is recorded.
+        Only the count of recorded entries is kept (metrics.jsonl holds them), so memory stays flat in rounds.
         """
-        metrics = list(done or [])
+        lines = len(done or [])
 
         def finish(entry: dict[str, Any]) -> None:
-            metrics.append(entry)
+            nonlocal lines
             record(entry)
+            lines += 1
             self.hooks.round_end(entry)
             if checkpoint is not None:
-                checkpoint(entry["round"], metrics)
+                checkpoint(entry, lines)
 
-        if not metrics:
+        if not lines:
             finish(self.server.round_zero())
-        for number in range(metrics[-1]["round"] + 1, self.exp.cfg.federation.rounds + 1):
+        start = done[-1]["round"] + 1 if done else 1
+        for number in range(start, self.exp.cfg.federation.rounds + 1):
             finish(self.round(number))
 
     def round(self, number: int) -> dict[str, Any]:
