@@ -1,6 +1,7 @@
-"""A client's side of a round between rounds: its frozen base, and where it starts training.
+"""A client's frozen base as pure terms, and where it starts training.
 
-Shared by the in-process simulator, the Flower ClientApp and the tests, so all run the same code.
+The model side holds the same base densely (``AdapterHost``); this is its exact, model-free form,
+with which the tests follow a client from its plans alone, as a Flower node does.
 """
 
 from __future__ import annotations
