@@ -28,7 +28,7 @@ NODE = "node"
 """ConfigRecord of a roll-call reply: partition-id, num-partitions, rank (0 = the config's), own-data."""
 RUN = "fedlora"
 """ConfigRecord of a train message: ``config`` = the server's resolved config as YAML; ``run`` = the
-run's key (its folder name), which names the node's saved base, so a restarted ServerApp
+run's key (its folder's name and a hash of its path), which names the node's saved base, so a restarted ServerApp
 continuing that run finds every node's base where it left it."""
 
 app = ClientApp()
