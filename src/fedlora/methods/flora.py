@@ -60,7 +60,7 @@ class FLoRA(Folds):
         norm = acc.norm()
         merged = {}
         for name, pending in acc.layers.items():
-            t = within_layer_rank(stack(pending))
+            t = stack(pending)  # wider than its layer: the dense matrix is smaller, no SVD needed here
             merged[name] = smallest_form(t if norm == 1.0 else LowRank(t.B, t.A * norm))
         self.merged.merge(merged, acc.clients)
 

@@ -78,9 +78,9 @@ class MergedBase:
         self.total.add(merge)
         for name, term in merge.items():
             kept = [*self.recent[name], (self.version, term)]
-            reset = terms_size(self.total.layers[name])
-            while kept and terms_size(t for _, t in kept) > reset:  # a reset would be the cheaper message
-                kept.pop(0)
+            reset, size = terms_size(self.total.layers[name]), terms_size(t for _, t in kept)
+            while kept and size > reset:  # a reset would be the cheaper message
+                size -= kept.pop(0)[1].size
             self.recent[name] = kept
         for client in trained:
             self.synced[client] = self.version - 1
