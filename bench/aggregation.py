@@ -2,7 +2,7 @@
 
 Shapes: q, k, v, o at 4096 × 4096 in each of 32 blocks (128 layers), 10 clients with ranks
 64,32,16,16,8,8,4,4,4,4 (Σr = 160), synthetic float32 factors. Methods that need one rank
-(fedit, ffa) get rank 16 for everyone (the same Σr = 160, so the same upload volume);
+(fedit, ffa, fedsa, fedex, rolora) get rank 16 for everyone (the same Σr = 160, so the same upload volume);
 ``centralized`` aggregates one rank-64 update. ``full`` uploads a 4096 × 4096 weight per layer
 per client (64 MiB each), so it runs on ``--full-layers`` layers only and its seconds are
 scaled to 128 layers (linear: every method loops over layers independently).
@@ -42,7 +42,9 @@ KIND = {  # method → (updates, floor)
     "flora": ("hetero", "stack"), "flexlora": ("hetero", "stack"), "zeropad": ("hetero", "accumulate"),
     "hetlora": ("hetero", "accumulate"), "fedplora": ("hetero", "accumulate"), "local": ("hetero", "copy"),
     "fedit": ("homo", "accumulate"), "ffa": ("homo", "accumulate_B"), "centralized": ("pooled", "copy"), "full": ("full", "accumulate_B"),
+    "florist": ("hetero", "stack"), "fedsa": ("homo", "accumulate_A"), "fedex": ("homo", "residual"), "rolora": ("homo", "accumulate_B"),
 }
+"""rolora aggregates its round 1 (a B round); fedex's floor adds the K centred pairs of its residual."""
 
 
 def layer_shapes(blocks: int, d: int) -> dict[str, tuple[int, int]]:
@@ -84,7 +86,7 @@ def floor_fn(kind: str, updates: list[ClientUpdate], weights: list[float], metho
                 B[:, i : i + f.rank].copy_(f.B)
                 torch.mul(f.A, u.scale * p, out=A[i : i + f.rank])
                 i += f.rank
-            if method == "flexlora":  # the truncated SVD at the widest rank: QR, QR, core SVD, two products
+            if method in ("flexlora", "florist"):  # the truncated SVD at the widest rank: QR, QR, core SVD, two products
                 q_b, r_b = torch.linalg.qr(B)
                 q_a, r_a = torch.linalg.qr(A.T)
                 u_c, sv, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
@@ -93,11 +95,17 @@ def floor_fn(kind: str, updates: list[ClientUpdate], weights: list[float], metho
             out[n] = (B, A)
         return out
 
-    def accumulate(with_A: bool) -> object:
+    def accumulate(with_A: bool, with_B: bool = True) -> object:
         out = {}
         for n in names:
             fs = [u.factors[n] for u in updates]
             R = max(f.rank for f in fs)
+            if not with_B:  # fedsa: Σ p_k A_k only
+                A = torch.zeros(R, fs[0].A.shape[1])
+                for f, p in zip(fs, weights):
+                    A.add_(f.A, alpha=p)
+                out[n] = (None, A)
+                continue
             B = torch.zeros(fs[0].B.shape[0], R if with_A else fs[0].B.shape[1])
             A = torch.zeros(R, fs[0].A.shape[1]) if with_A else None
             count = torch.zeros(R)
@@ -119,10 +127,17 @@ def floor_fn(kind: str, updates: list[ClientUpdate], weights: list[float], metho
             out[n] = (B, A)
         return out
 
+    def residual() -> object:
+        """fedex: the means, then each client's centred pair (B_k − B̄, p_k s (A_k − Ā))."""
+        means = accumulate(True)
+        return {n: [(u.factors[n].B - B, (u.factors[n].A - A) * (p * u.scale)) for u, p in zip(updates, weights)] for n, (B, A) in means.items()}
+
     def copy() -> object:
         return [{n: (f.B.clone(), f.A.clone()) for n, f in u.factors.items()} for u in updates]
 
-    return {"stack": stack, "accumulate": lambda: accumulate(True), "accumulate_B": lambda: accumulate(False), "copy": copy}[kind]
+    kinds = {"stack": stack, "accumulate": lambda: accumulate(True), "accumulate_B": lambda: accumulate(False),
+             "accumulate_A": lambda: accumulate(True, with_B=False), "residual": residual, "copy": copy}
+    return kinds[kind]
 
 
 def bench_method(name: str, layers: dict, updates: list[ClientUpdate], repeats: int) -> dict:
@@ -153,7 +168,8 @@ def bench_method(name: str, layers: dict, updates: list[ClientUpdate], repeats: 
     return {
         "updates": kind_updates, "floor": kind_floor, "layers": len(layers), "clients": len(updates),
         "ranks": [ranks[k] for k in sorted(ranks)],
-        "upload_mb": sum(f.B.numel() + (f.A.numel() if kind_floor != "accumulate_B" else 0) for u in updates for f in u.factors.values()) * 4 / 1e6,
+        "upload_mb": sum((f.B.numel() if kind_floor != "accumulate_A" else 0) + (f.A.numel() if kind_floor != "accumulate_B" else 0)
+                         for u in updates for f in u.factors.values()) * 4 / 1e6,
         "aggregate_s": agg_s, "floor_s": floor_s, "plans_s": plan_s,
         "aggregate_median_s": benchlib.median(agg_s), "floor_median_s": benchlib.median(floor_s), "plans_median_s": benchlib.median(plan_s),
         "ratio": benchlib.median(agg_s) / benchlib.median(floor_s),

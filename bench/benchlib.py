@@ -104,3 +104,15 @@ def write(name: str, quick: bool, load_before: str, targets: list[dict[str, Any]
         print(f"[{name}] {t['metric']}: {t['measured']:.4g} (target {t['op']} {t['value']:g}) {verdict}")
     print(f"[{name}] wrote {path}")
     return path
+
+
+def build_hetero_or_homo(name: str, layers: dict, clients: int, pattern: list[int], homogeneous: int, scale: float):
+    """The method at the heterogeneous rank pattern where it accepts one, else every client at ``homogeneous``."""
+    from fedlora.methods import MethodError, Setup, build_method
+
+    hetero = {k: pattern[k % len(pattern)] for k in range(clients)}
+    try:
+        return build_method(name, Setup(layers, hetero, {k: scale for k in hetero}, seed=0))
+    except MethodError:
+        homo = {k: homogeneous for k in range(clients)}
+        return build_method(name, Setup(layers, homo, {k: scale for k in homo}, seed=0))

@@ -1,7 +1,7 @@
 """Benchmark 5: megabytes up and down per round for every method, and the ratio to full fine-tuning.
 
 The bytes are the simulator's own counters (``plan_nbytes`` of the plan as sent, ``update_nbytes``
-of the update as uploaded, A only when it trained) over each method's real plans and updates
+of the update as uploaded: the factors in ``ClientPlan.upload``) over each method's real plans and updates
 for ``configs/default.yaml``'s layers (SmolLM2-135M-Instruct q_proj/v_proj from the model folder's
 config, 10 clients, ranks 64…4, every client sampled), two rounds, with the ``client_prepare`` /
 ``client_finish`` hooks run as on a client. Training is replaced by a small random change of the
@@ -9,7 +9,7 @@ trained factors: a tensor's byte count does not depend on its values. One thing 
 self-pruning shrinks an upload only when the tail norm fell, which a random change does not do,
 so HETLoRA is counted unpruned (its upper bound). Round 2 is reported: FLoRA's and zero-padding's
 downlink (the previous round's merge) and FlexLoRA's (the SVD of it) start there. Methods that
-need one rank (fedit, ffa) use the smallest client rank, as ``fedlora compare`` does.
+need one rank (fedit, ffa, fedsa, fedex, rolora) use the smallest client rank, as ``fedlora compare`` does.
 
     .venv/bin/python bench/communication.py [--quick]   # quick: configs/tiny.yaml (3 clients)
 """
@@ -24,7 +24,7 @@ import torch
 import benchlib
 from fedlora.config import load_config
 from fedlora.methods import REGISTRY, ClientUpdate, Factors
-from fedlora.methods.base import client_finish, client_prepare, plan_nbytes, update_nbytes
+from fedlora.methods.base import as_received, client_finish, client_prepare, plan_nbytes, update_nbytes
 from fedlora.ops.lowrank import kaiming_A, seeded_generator
 from fedlora.app.compare import make_plan, method_config
 from fedlora.federation.experiment import check_model
@@ -41,7 +41,7 @@ def trained(plan, shapes: dict[str, tuple[int, int]], gen: torch.Generator) -> d
         else:
             r = plan.rank_pattern.get(name, plan.rank)
             B, A = torch.zeros(d_out, r), kaiming_A(r, d_in, gen)
-        B = B + 1e-3 * torch.randn(B.shape, generator=gen)
+        B = B + 1e-3 * torch.randn(B.shape, generator=gen) if plan.train_B else B
         A = A + 1e-3 * torch.randn(A.shape, generator=gen) if plan.train_A else A
         out[name] = Factors(B=B, A=A)
     return out
@@ -50,8 +50,9 @@ def trained(plan, shapes: dict[str, tuple[int, int]], gen: torch.Generator) -> d
 def count(name: str, plan_cfg, shapes: dict[str, tuple[int, int]], rounds: int) -> dict:
     cfg, method, one_rank = method_config(plan_cfg, name, plan_cfg.seeds[0], shapes)
     clients = list(range(cfg.federation.num_clients))
-    if getattr(method, "pooled", False):
+    if method.pooled:
         clients = [0]
+    kept: dict = {}  # what each client keeps on its side (FedSA-LoRA's B): never counted, it never travels
     gen = seeded_generator(cfg.seed, 0xB)
     per_round = []
     for rnd in range(1, rounds + 1):
@@ -60,12 +61,14 @@ def count(name: str, plan_cfg, shapes: dict[str, tuple[int, int]], rounds: int) 
         for k in clients:
             sent = method.plan(k, rnd)
             down += plan_nbytes(sent)
-            plan = client_prepare(method, sent)
+            plan = method.client_start(client_prepare(method, sent), kept.get(k))
             update = client_finish(method, plan, ClientUpdate(k, 10, plan.scale, trained(plan, shapes, gen)))
-            up += update_nbytes(update, send_A=plan.train_A)
-            updates.append(update)
+            up += update_nbytes(update, plan.upload)
+            if (own := method.client_keep(plan, update)) is not None:
+                kept[k] = own
+            updates.append(as_received(update, plan, shapes))
         method.aggregate(updates, [1.0 / len(updates)] * len(updates), rnd)
-        if not getattr(method, "communicates", True):
+        if not method.communicates:
             up = down = 0
         per_round.append({"round": rnd, "mb_up": up / 1e6, "mb_down": down / 1e6})
     return {"ranks": cfg.client_ranks(), "one_rank": cfg.client_ranks()[0] if one_rank else None, "rounds": per_round}

@@ -2,7 +2,7 @@
 
 Shapes: Llama-2-7B's q, k, v, o at 4096 × 4096 (``--blocks`` transformer blocks; the quick mode
 one projection), 100 clients at 10 % participation (10 a round, seeded), ranks 64,32,16,16,8,8,4,4,4,4
-repeated, ``lora_alpha = 2r``; fedit and ffa give everyone rank 16. Synthetic updates: each
+repeated, ``lora_alpha = 2r``; the methods that need one rank give everyone rank 16. Synthetic updates: each
 client's factors are its plan's initial factors (or a fresh draw) plus a random step, taken from
 a fixed pool so that drawing them costs nothing measurable.
 
@@ -79,7 +79,7 @@ def synthetic_update(plan, layers: dict[str, tuple[int, int]], pool: Pool, n: in
             off = int(c * 7) % (pool.B.shape[1] - r + 1)
             step_B, step_A = pool.B[:d_out, off : off + r] * c, pool.A[off : off + r, :d_in]
         init = (plan.init or {}).get(name)
-        B = step_B if init is None else init.B + step_B
+        B = step_B if init is None else (init.B + step_B if plan.train_B else init.B)
         if not plan.train_A:
             A = init.A
         else:
@@ -89,13 +89,12 @@ def synthetic_update(plan, layers: dict[str, tuple[int, int]], pool: Pool, n: in
 
 
 def run_method(name: str, layers: dict, rounds: int, clients: int, fraction: float, pool: Pool, folder: Path) -> dict:
-    homogeneous = name in ("fedit", "ffa", "centralized")
     width = min(min(s) for s in layers.values())  # tiny test shapes: no rank above the layer's
-    ranks = {k: min(width, HOMOGENEOUS if homogeneous else PATTERN[k % len(PATTERN)]) for k in range(clients)}
     if name == "centralized":
-        ranks = {0: min(width, max(PATTERN))}
-    setup = Setup(layers, ranks, {k: SCALE for k in ranks}, seed=0)
-    method = build_method(name, setup)
+        method = build_method(name, Setup(layers, {0: min(width, max(PATTERN))}, {0: SCALE}, seed=0))
+    else:
+        method = benchlib.build_hetero_or_homo(name, layers, clients, [min(width, r) for r in PATTERN], min(width, HOMOGENEOUS), SCALE)
+    ranks = method.setup.ranks
     model = torch.nn.ModuleDict({n.replace(".", "_"): torch.nn.Linear(d_in, d_out, bias=False) for n, (d_out, d_in) in layers.items()})
     model.requires_grad_(False)
     host = AdapterHost(model, [n.replace(".", "_") for n in layers])
@@ -115,7 +114,7 @@ def run_method(name: str, layers: dict, rounds: int, clients: int, fraction: flo
         for k in sampled:
             sent = plans.pop(k)
             down.append(plan_nbytes(sent))
-            plan = client_prepare(method, sent)
+            plan = method.client_start(client_prepare(method, sent), None)  # a client's kept state: not modelled (it never reaches the server)
             c0 = time.perf_counter()
             host.catch_up(plan.base)  # in one process: already at the version (a no-op), as in the simulator
             host.set_delta({rename[n]: ts for n, ts in plan.fold.items()})

@@ -20,6 +20,7 @@ from fedlora.config import load_config, packaged_config, to_yaml
 from fedlora.data.formatting import ClassifiedExample, TokenizedExample
 from fedlora.flower import client_app, runtime
 from fedlora.flower.roster import Roster
+from fedlora.flower.state import load_kept, state_dir
 from fedlora.flower.strategy import FedLoraStrategy, RoundFailed
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 from fedlora.model.adapters import AdapterHost
@@ -93,7 +94,7 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
         method = client_methods.setdefault(partition, build_method(exp.cfg.federation.method, setup))  # the node's own method object
         pooled = method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
-        return runtime.ClientRuntime(exp.cfg, method, exp.trainer, train)
+        return runtime.ClientRuntime(exp.cfg, method, exp.trainer, train, exp.clients[partition].test, exp.global_test, 0)
 
     monkeypatch.setattr(runtime, "client_runtime", fake_runtime)
     for key, value in (("_run_id", 77), ("_node_id", 0), ("_task_id", 1)):  # what the ServerApp process would know
@@ -111,6 +112,7 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
 
     strategy = FedLoraStrategy(Server(exp), roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints")
     strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds, timeout=5, evaluate_fn=strategy.evaluate)
+    exp.flower_server = strategy.server  # what the ServerApp held at the end
     return records, deltas, heads
 
 
@@ -150,6 +152,13 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
         assert set(deltas[rnd]) == set(d) and all(torch.equal(deltas[rnd][n], d[n]) for n in d), f"round {rnd}"
         for k, head in sim_heads[rnd].items():
             assert set(heads[rnd][k]) == set(head) and all(torch.equal(heads[rnd][k][n], head[n]) for n in head), f"round {rnd} head"
+    if exp.method.keeps:  # what each client keeps lives on its node, and equals the simulator's in-process clients'
+        assert sim.server.kept and not exp.flower_server.kept  # over Flower the server holds nothing a client keeps
+        for k, own in sim.server.kept.items():
+            on_node = load_kept(state_dir(tmp_path / f"node-{k}", "run", k), exp.cfg.federation.rounds + 1)
+            assert on_node.keys() == own.keys() and all(torch.equal(on_node[n], own[n]) for n in own), k
+        losses = [c["loss"] for c in records[-1]["eval"]["clients"].values()]
+        assert len(set(losses)) == len(losses)  # one model per client
     return records
 
 

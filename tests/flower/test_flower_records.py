@@ -12,7 +12,7 @@ from fedlora.flower.records import (
     update_to_records,
 )
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
-from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Factors, as_received, client_finish, client_prepare, plan_nbytes, update_nbytes
 from fedlora.ops.lowrank import Dense, LowRank
 
 LAYERS = {"m.layers.0.q_proj": (6, 5), "m.layers.0.v_proj": (3, 5), "m.layers.1.q_proj": (6, 5)}
@@ -84,9 +84,8 @@ def test_flower_plan_and_update_round_trip_bit_for_bit_in_float32(name):
     for plan, update in zip(plans, updates):
         _same(plan, records_to_plan(plan_to_records(plan, "float32")))
         prepared = client_prepare(method, plan)
-        frozen = {n: f.A for n, f in (prepared.init or {}).items()}
-        back = records_to_update(update_to_records(update, send_A=prepared.train_A, wire="float32"), frozen_A=frozen)
-        _same(update, back)
+        back = records_to_update(update_to_records(update, upload=prepared.upload, wire="float32"), prepared, method.setup.layers)
+        _same(as_received(update, prepared, method.setup.layers), back)
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
@@ -97,8 +96,8 @@ def test_flower_round_trip_in_half_precision_is_the_cast(name, wire):
     for plan, update in zip(plans, updates):
         _same(plan, records_to_plan(plan_to_records(plan, wire)), CAST[wire])
         prepared = client_prepare(method, plan)
-        back = records_to_update(update_to_records(update, send_A=prepared.train_A, wire=wire), {n: f.A for n, f in (prepared.init or {}).items()})
-        if prepared.train_A:
+        back = records_to_update(update_to_records(update, upload=prepared.upload, wire=wire), prepared, method.setup.layers)
+        if prepared.upload == "BA":
             _same(update, back, CAST[wire])
         else:  # the frozen A never travelled: the receiver's own copy, exact
             _same({n: f.B for n, f in update.factors.items()}, {n: f.B for n, f in back.factors.items()}, CAST[wire])
@@ -112,9 +111,9 @@ def test_flower_message_bytes_are_the_method_counters_plus_key_names(name):
         rd = plan_to_records(plan, "float32")
         keys = sum(len(k) for k in rd.array_records[PLAN_ARRAYS])
         assert message_nbytes(rd) == plan_nbytes(plan) + keys
-        train_A = client_prepare(method, plan).train_A
-        up = update_to_records(update, send_A=train_A)
-        assert message_nbytes(up) == update_nbytes(update, send_A=train_A) + sum(len(k) for r in up.array_records.values() for k in r)
+        upload = client_prepare(method, plan).upload
+        up = update_to_records(update, upload=upload)
+        assert message_nbytes(up) == update_nbytes(update, upload) + sum(len(k) for r in up.array_records.values() for k in r)
 
 
 def test_flower_bfloat16_halves_the_float_payload():
@@ -147,7 +146,7 @@ def test_flower_task_head_travels_both_ways():
     plan = ClientPlan(client=1, round=1, rank=2, scale=2.0, head=head)
     _same(plan, records_to_plan(plan_to_records(plan)))
     update = ClientUpdate(client=1, num_examples=3, scale=2.0, factors={"a": Factors(torch.ones(2, 1), torch.ones(1, 3))}, head=head)
-    _same(update, records_to_update(update_to_records(update)))
+    _same(update, records_to_update(update_to_records(update), plan, {"a": (2, 3)}))
     assert message_nbytes(plan_to_records(plan)) == plan_nbytes(plan) + len("head/score.weight") + len("head/score.bias")
 
 
@@ -162,5 +161,8 @@ def test_flower_wire_rejects_what_it_cannot_carry():
     with pytest.raises(WireError, match="stype"):
         from_array(a)
     update = ClientUpdate(client=0, num_examples=1, scale=1.0, factors={"a": Factors(torch.ones(2, 1), torch.ones(1, 3))})
-    with pytest.raises(WireError, match="no A"):
-        records_to_update(update_to_records(update, send_A=False))
+    plan = ClientPlan(client=0, round=1, rank=1, scale=1.0, train_A=False)
+    with pytest.raises(WireError, match="A did not travel"):
+        records_to_update(update_to_records(update, upload="B"), plan, {"a": (2, 3)})
+    with pytest.raises(WireError, match="the plan uploads"):
+        records_to_update(update_to_records(update, upload="BA"), plan, {"a": (2, 3)})

@@ -14,6 +14,7 @@ from fedlora.federation.round import Arrival, bounds_of, finish_round, start_of
 from fedlora.methods import REGISTRY, Setup, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.errors import MethodError
+from fedlora.methods.state import pack, state_of
 
 from tests.conftest import random_update, rel_err
 
@@ -65,7 +66,9 @@ def test_uploads_in_another_dtype_leave_the_state_in_its_own(name, upload, gen):
     pairs = _updates(method, gen, [10, 30, 60][: len(method.setup.ranks)], dtype=upload)
     arrivals = [Arrival(plan, plan, u, start_of(method, plan)) for plan, u in pairs]
     finish_round(method, bounds_of(method, 1e6), 1, name, [p.client for p, _ in pairs], 1, method.global_delta(), arrivals, lambda *a: None)
-    dtypes = {x.dtype for d in ([method.global_delta()] + ([method.client_delta(0)] if method.personal else [])) for ts in d.values() for t in ts for x in t.tensors()}
+    tensors = {}
+    pack(state_of(method), tensors)  # every tensor of the method's state
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     assert dtypes == {torch.float32}, (name, dtypes)
 
 

@@ -81,7 +81,7 @@ def test_byte_counts_follow_the_table(gen, dtype, size):
     plans, updates, _ = _round(m, (0, 1), gen, 1)
     assert plan_nbytes(m.plan(2, 2)) == size * 3 * D_OUT + 8  # nothing accumulates for a skipped client
     for p, u in zip(plans, updates):
-        assert update_nbytes(u, send_A=p.train_A) == 8 * 3 * D_OUT  # B only (the test's updates are float64)
+        assert update_nbytes(u, p.upload) == 8 * 3 * D_OUT  # B only (the test's updates are float64)
 
 
 def test_aggregation_is_exact_and_depends_on_every_client(gen):

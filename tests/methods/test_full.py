@@ -29,7 +29,7 @@ def test_fedavg_of_weights_is_exact_and_bytes_are_dense(gen):
     assert all(torch.equal(f.A, torch.eye(LAYERS[n][1], dtype=torch.float64)) for n, f in prepared.init.items())
     assert init_noise({}, {}, prepared) == 0.0
     ups = _updates(gen)
-    assert update_nbytes(ups[0], send_A=prepared.train_A) == 8 * sum(o * i for o, i in LAYERS.values())
+    assert update_nbytes(ups[0], prepared.upload) == 8 * sum(o * i for o, i in LAYERS.values())
     before = m.global_delta()
     m.aggregate(ups, [0.25, 0.75], 1)
     for name in LAYERS:

@@ -97,8 +97,17 @@ def _no_global_model(method, layer, f, s, w):
     return None  # each client's own model: checked with client_delta in the test
 
 
+def _energy_truncated(method, layer, f, s, w):
+    """The top-p SVD of Σ p_k s_k B_k A_k, p the smallest rank holding a share τ of Σσ² (dense SVD)."""
+    u, sv, vh = torch.linalg.svd(_exact(method, layer, f, s, w), full_matrices=False)
+    cum, total = torch.cumsum(sv**2, 0), float((sv**2).sum())
+    p = min(sv.numel(), int((cum < method.energy * total).sum()) + 1) if total > 0 else 1
+    return (u[:, :p] * sv[:p]) @ vh[:p]
+
+
 REFERENCE = {  # methods.md §1, densified: every registered method must bring one
-    "flora": _exact, "flexlora": _exact, "ffa": _exact, "full": _exact,
+    "flora": _exact, "flexlora": _exact, "ffa": _exact, "full": _exact, "fedex": _exact, "rolora": _exact,
+    "florist": _energy_truncated, "fedsa": _no_global_model,
     "zeropad": _padded_means, "hetlora": _padded_means,
     "fedit": _means, "centralized": lambda m, layer, f, s, w: s[0] * f[0].B @ f[0].A,
     "fedplora": _per_module_means, "local": _no_global_model,

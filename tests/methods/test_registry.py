@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
-from fedlora.methods.base import Factors, client_finish, client_prepare, plan_nbytes, update_nbytes
+from fedlora.methods.base import Factors, as_received, client_finish, client_prepare, plan_nbytes, update_nbytes
 from fedlora.ops.weights import data_weights
 from fedlora.federation import diagnostics
 from fedlora.train.client import ClientState, start_delta
@@ -35,11 +35,11 @@ def _train(plan, gen):
         init = (plan.init or {}).get(n) or Factors(torch.zeros(d_out, r, dtype=torch.float64), torch.randn(r, d_in, generator=gen, dtype=torch.float64))
         step = random_update(plan.client, {n: (d_out, d_in)}, r, plan.scale, 1, gen).factors[n]
         A = init.A.double() + (0.1 * step.A if plan.train_A else 0)
-        factors[n] = Factors(init.B.double() + 0.1 * step.B, A)
+        factors[n] = Factors(init.B.double() + (0.1 * step.B if plan.train_B else 0), A)
     return factors
 
 
-EXACT = {"flora", "ffa", "full", "centralized", "flexlora"}  # the aggregate is Σ p_k (M_k − G_t) exactly
+EXACT = {"flora", "ffa", "full", "centralized", "flexlora", "fedex", "rolora"}  # the aggregate is Σ p_k (M_k − G_t) exactly
 INEXACT = {"fedit", "zeropad", "hetlora"}
 
 
@@ -53,6 +53,7 @@ def test_every_method_runs_rounds_with_partial_participation(name, gen):
     assert method.name == name and isinstance(method.summary, str) and method.summary
     assert isinstance(method.options, dict)
     states = {k: ClientState() for k in setup.ranks}
+    kept = {}  # what each client keeps on its side (Method.keeps)
     pooled = method.pooled
     for rnd, sampled in enumerate([(0, 1, 2), (0, 2), (1, 2)], start=1):
         sampled = (0,) if pooled else sampled
@@ -61,7 +62,7 @@ def test_every_method_runs_rounds_with_partial_participation(name, gen):
         for k in sampled:
             sent = method.plan(k, rnd)
             assert sent.client == k and sent.round == rnd and plan_nbytes(sent) >= 0
-            plan = client_prepare(method, sent)
+            plan = method.client_start(client_prepare(method, sent), kept.get(k))
             states[k].catch_up(plan)
             starts.append(start_delta(states[k], plan))
             diagnostics.init_noise(before, starts[-1], plan)
@@ -69,17 +70,26 @@ def test_every_method_runs_rounds_with_partial_participation(name, gen):
 
             update = ClientUpdate(client=k, num_examples=5 + 3 * k, scale=plan.scale, factors=_train(plan, gen))
             update = client_finish(method, plan, update)
-            assert update_nbytes(update, send_A=plan.train_A) > 0
-            updates.append(update)
+            assert update_nbytes(update, plan.upload) > 0
+            if (own := method.client_keep(plan, update)) is not None:
+                kept[k] = own
+            updates.append(as_received(update, plan, LAYERS))
         weights = data_weights([u.num_examples for u in updates])
         assert abs(sum(weights) - 1) < 1e-15 and min(weights) >= 0
         applied = method.aggregate(updates, [u.num_examples for u in updates], rnd)  # counts: the method normalises
-        assert applied == [] if method.personal else (len(applied) == len(updates) and abs(sum(applied) - 1) < 1e-12)
+        if name == "local":
+            assert applied == []  # nothing is averaged
+        else:
+            assert len(applied) == len(updates) and abs(sum(applied) - 1) < 1e-12
         after = method.global_delta()
         for n, terms in after.items():
             assert n in LAYERS
             for t in terms:
                 assert t.shape == LAYERS[n]
+        if method.keeps:  # each client's own model, from what it kept and the shared part
+            assert all(_dense(method.client_model(method.client_start(client_prepare(method, method.plan(u.client, rnd + 1)), kept[u.client])))
+                       for u in updates)
+            continue
         if method.personal:
             assert all(method.client_delta(u.client) for u in updates)  # each client's own model exists
             continue

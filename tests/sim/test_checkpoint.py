@@ -15,10 +15,12 @@ def _entries(records):
     return [{k: v for k, v in r.items() if k not in ("wall_s", "rss_mb")} for r in records]
 
 
-@pytest.mark.parametrize("name", ["hetlora", "flora"])
-def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_path, name, ranks=(4, 2, 1)):
+@pytest.mark.parametrize("name, ranks", [("hetlora", (4, 2, 1)), ("flora", (4, 2, 1)), ("fedsa", (2, 2, 2)), ("fedex", (2, 2, 2))])
+def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_path, name, ranks):
     """HETLoRA: the richest state (global pair, learnt per-client ranks, last weights); FLoRA: the merged base,
-    rebuilt on the model from the method's state. The other methods' state round trip is in
+    rebuilt on the model from the method's state; FedSA-LoRA: what every client keeps (its B), which
+    the checkpoint holds for the in-process clients; FedEx-LoRA: a merged base beside a live adapter.
+    The other methods' state round trip is in
     tests/methods/test_properties.py, resume after SIGKILL in tests/e2e/test_resume.py."""
     whole, saved = [], {}
     sim = Simulation(_experiment(tiny_llama, name, ranks))
@@ -39,3 +41,6 @@ def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_p
     for n, terms in final.items():
         assert all(all(x.equal(y) for x, y in zip(xs, t.tensors(), strict=True)) for xs, t in zip(terms, again[n], strict=True))
     assert all(p.equal(weights[n]) for n, p in resumed.exp.host.model.state_dict().items())  # the model's base too
+    assert sim.server.kept.keys() == resumed.server.kept.keys() and (not sim.exp.method.keeps or sim.server.kept)
+    for k, own in sim.server.kept.items():  # what each client keeps (FedSA-LoRA's B), bit for bit
+        assert own.keys() == resumed.server.kept[k].keys() and all(own[n].equal(resumed.server.kept[k][n]) for n in own)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedlora.methods import Setup, build_method
+from fedlora.methods.base import as_received
 from fedlora.ops.weights import data_weights
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
 from fedlora.train.client import ClientState, start_delta
@@ -34,7 +35,8 @@ def _replies(method, rnd, gen, counts, layers=LAYERS):
         plan = method.client_prepare(sent)
         state = ClientState()
         state.catch_up(sent)
-        out.append(Arrival(sent, plan, random_update(k, layers, plan.rank, plan.scale, n, gen), start_delta(state, plan)))
+        update = as_received(random_update(k, layers, plan.rank, plan.scale, n, gen), plan, layers)  # a frozen A comes back as sent
+        out.append(Arrival(sent, plan, update, start_delta(state, plan)))
     return out
 
 

@@ -3,7 +3,7 @@
 Per seed the experiment is prepared once (data, partition, model load); every method then runs on
 that same split and model, from the same initial head, each into its own run folder
 ``<out>/runs/<method>-seed<s>/`` (config, partition, metrics, summary). A method that needs one
-rank for every client (fedit, ffa) runs at ``one_rank`` (default: the smallest client rank, which
+rank for every client (fedit, ffa, fedsa, fedex, rolora) runs at ``one_rank`` (default: the smallest client rank, which
 every client can afford), and the table says so. A run whose summary.json exists is not repeated,
 so an interrupted comparison resumes where it stopped.
 """

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, plan_nbytes, update_nbytes
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, as_received, plan_nbytes, update_nbytes
 from fedlora.methods.validate import Bounds, check_update
 from fedlora.ops.weights import data_weights
 from fedlora.federation import diagnostics
@@ -87,11 +87,12 @@ class ServerRound:
             log.warning("round %d: update of client %d rejected: %s", self.number, a.plan.client, reason)
             self.rejected.append({"id": a.plan.client, "reason": reason})
             return
-        u = cast_update(a.update, self.method.setup.dtype)  # the state keeps its own dtype, whatever the upload's
+        u = as_received(a.update, a.plan, self.method.setup.layers)  # only the uploaded factors are the client's
+        u = cast_update(u, self.method.setup.dtype)  # the state keeps its own dtype, whatever the upload's
         init = None if self.personal else diagnostics.init_noise(self.before, a.start, a.plan, self.reference)
         self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
-            "bytes_up": 0 if self.silent else update_nbytes(u, send_A=a.plan.train_A), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
+            "bytes_up": 0 if self.silent else update_nbytes(u, a.plan.upload), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
             "init_noise": init, "local_rank_sum": sum(f.rank for f in u.factors.values()),  # Σ over layers; AdaLoRA prunes it
             **a.extras,
         })

@@ -17,7 +17,8 @@ import psutil
 
 from fedlora.federation.heads import Heads
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
-from fedlora.methods.base import ClientPlan
+from fedlora.federation.client import client_evaluate
+from fedlora.methods.base import ClientPlan, Kept
 from fedlora.methods.state import load_state, state_of
 
 
@@ -52,6 +53,8 @@ class Server:
         self.heads = Heads(exp.host.initial_head(), [c.id for c in exp.clients], exp.method.personal)
         cfg = exp.cfg
         self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, adalora=cfg.lora.adapter == "adalora")
+        self.kept: dict[int, Kept] = {}
+        """What each client keeps (``Method.keeps``) when the clients run in this process; over Flower it stays on the nodes."""
 
     # ---- a round ------------------------------------------------------------------------------
 
@@ -77,13 +80,16 @@ class Server:
     def receive(self, rnd: Round, arrival: Arrival) -> None:
         rnd.server.receive(arrival)
 
-    def close(self, rnd: Round) -> dict[str, Any]:
-        """Commit the round; evaluate when ``eval.every`` says so and at the last round."""
-        cfg = self.exp.cfg
+    def evaluates(self, number: int) -> bool:
+        """Whether round ``number`` ends with an evaluation: every ``eval.every`` rounds and at the last."""
+        return number % self.exp.cfg.eval.every == 0 or number == self.exp.cfg.federation.rounds
+
+    def close(self, rnd: Round, evaluate: bool = True) -> dict[str, Any]:
+        """Commit the round; evaluate when due (``evaluate=False``: the clients evaluate, over Flower)."""
         entry = rnd.server.finish(self.heads.aggregate)
         self.sync_base()
-        if rnd.number % cfg.eval.every == 0 or rnd.number == cfg.federation.rounds:
-            entry["eval"] = self.evaluate()
+        if evaluate and self.evaluates(rnd.number):
+            entry["eval"] = self.evaluate(rnd.number)
         entry["wall_s"] = time.perf_counter() - rnd.t0
         entry["rss_mb"] = psutil.Process().memory_info().rss / 2**20  # flat in rounds (methods.md §4)
         return entry
@@ -103,24 +109,35 @@ class Server:
 
     # ---- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, Any]:
+    def eval_plan(self, client: int, number: int) -> ClientPlan:
+        """What a client evaluates its own model from after round ``number``: the plan of the next round."""
+        plan = self.method.plan(client, number + 1)
+        plan.head = self.heads.of(client)
+        return plan
+
+    def evaluate(self, number: int = 0) -> dict[str, Any]:
         """Global model G_t on the global test split and on every client's test split.
 
-        A personal method (``local``) has no global model: each client is evaluated with its own
-        model, and the global split's loss is the mean of the clients' models on it.
+        A personal method (``local``, FedSA-LoRA) has no global model: each client is evaluated
+        with its own model, and the global split's loss is the mean of the clients' models on it.
+        A method whose clients keep part of their model is evaluated as its clients do it
+        (``client_evaluate``), from what they kept.
         """
         exp = self.exp
         args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
         score = lambda data: exp.trainer.task.evaluate(exp.host.model, data, *args)  # noqa: E731
+        if self.method.keeps:
+            splits = lambda c: {"test": c.test, "global": exp.global_test}  # noqa: E731
+            return personal_eval({c.id: client_evaluate(self.method, exp.trainer, self.eval_plan(c.id, number), self.kept.get(c.id), splits(c), *args[:2])
+                                  for c in exp.clients})
         try:
             if self.method.personal:
-                clients, on_global = {}, []
+                scores = {}
                 for c in exp.clients:
                     exp.host.set_delta(self.method.client_delta(c.id))
                     exp.host.set_head(self.heads.of(c.id))
-                    clients[str(c.id)] = score(c.test)
-                    on_global.append(score(exp.global_test))
-                return {"global": {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]}, "clients": clients}
+                    scores[c.id] = {"test": score(c.test), "global": score(exp.global_test)}
+                return personal_eval(scores)
             exp.host.set_delta(self.method.adapter_delta())  # over the base, which already holds the merges
             exp.host.set_head(self.heads.of(-1))
             return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients}}
@@ -130,11 +147,19 @@ class Server:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """The live objects a checkpoint holds: the method's state and the task heads."""
-        return {"method": state_of(self.method), "heads": self.heads.state()}
+        """The live objects a checkpoint holds: the method's state, the task heads, what in-process clients keep."""
+        return {"method": state_of(self.method), "heads": self.heads.state(), "kept": [[k, v] for k, v in sorted(self.kept.items())]}
 
     def load(self, state: dict[str, Any]) -> None:
         load_state(self.method, state["method"])
         self.heads.load(state["heads"])
+        self.kept = {int(k): v for k, v in state.get("kept", [])}
         self.exp.host.reset_base()
         self.sync_base()  # the model's merged base, rebuilt from the method's state in the order it was built
+
+
+def personal_eval(scores: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Each client's own model on its test split, and the mean of their scores on the global split."""
+    on_global = [s["global"] for s in scores.values() if "global" in s]
+    mean = {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]} if on_global else {"loss": None}
+    return {"global": mean, "clients": {str(k): s.get("test", {}) for k, s in sorted(scores.items())}}

@@ -48,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     from fedlora.federation.client import client_round
     from fedlora.flower.records import records_to_plan, update_to_records
     from fedlora.flower.runtime import client_runtime
-    from fedlora.flower.state import load_state, save_state, state_dir
+    from fedlora.flower.state import load_kept, load_state, save_kept, save_state, state_dir
 
     t0 = time.time()
     node = NodeSettings.from_node_config(context.node_config)
@@ -60,17 +60,40 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(rt.cfg.seed)
     folder = state_dir(node.state_root, str(msg.content.config_records[RUN]["run"]), node.partition)
     rt.trainer.host.load_base(*load_state(folder))
-    plan, update, stats = client_round(rt.method, rt.trainer, sent, rt.train)
+    plan, update, stats, kept = client_round(rt.method, rt.trainer, sent, rt.train, load_kept(folder, sent.round))
     save_state(folder, *rt.trainer.host.base_state())  # before replying: the server may count on this base next round
+    if kept is not None:
+        save_kept(folder, sent.round, kept)  # never sent: the next round starts from it
     t_fit = time.time()
     timing = {"startup-s": t0 - _process_start(), "load-s": t_loaded - t0, "fit-s": t_fit - t_loaded}
     log(INFO, "partition %d round %d: rank %d, %d examples, loss %.4f; %s", node.partition, plan.round, plan.rank,
         update.num_examples, update.train_loss, ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
     content = update_to_records(
-        update, send_A=plan.train_A, wire=rt.cfg.federation.wire_dtype, node_rank=node.rank or rt.cfg.client_ranks()[node.partition],
+        update, upload=plan.upload, wire=rt.cfg.federation.wire_dtype, node_rank=node.rank or rt.cfg.client_ranks()[node.partition],
         stats={"padded-fraction": stats.padded_fraction, "steps": stats.steps, **timing},
     )
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The client's own model (what it kept plus the shared part the server sent) on its test split and the global one."""
+    from flwr.app import MetricRecord
+
+    from fedlora.federation.client import client_evaluate
+    from fedlora.flower.records import records_to_plan
+    from fedlora.flower.runtime import client_runtime
+    from fedlora.flower.state import load_kept, load_state, state_dir
+
+    node = NodeSettings.from_node_config(context.node_config)
+    rt = client_runtime(str(msg.content.config_records[RUN]["config"]), node.partition, node.num_partitions, node.data_path)
+    sent = records_to_plan(msg.content)
+    folder = state_dir(node.state_root, str(msg.content.config_records[RUN]["run"]), node.partition)
+    rt.trainer.host.load_base(*load_state(folder))
+    scores = client_evaluate(rt.method, rt.trainer, sent, load_kept(folder, sent.round), {"test": rt.test, "global": rt.global_test},
+                             rt.cfg.eval.batch_size, rt.pad_id)
+    metrics = MetricRecord({f"{split}/{key}": float(v) for split, s in scores.items() for key, v in s.items()})
+    return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 
 
 def _process_start() -> float:

@@ -10,10 +10,11 @@ A plan travels as a ``RecordDict`` with
   task head (classification) as ``head/<parameter>``.
 
 An update travels as
-- ``update`` (ConfigRecord): client (the partition id), node rank, scale, whether A is sent,
-  the wire dtype, plain-number meta;
-- ``update.arrays`` (ArrayRecord): ``factors/<layer>/B``, ``factors/<layer>/A`` (only when A
-  trained; a frozen A is rebuilt by the receiver from the plan), tensor meta, ``head/<parameter>``;
+- ``update`` (ConfigRecord): client (the partition id), node rank, scale, the factors sent
+  (``upload``: "BA", "B" or "A"), the wire dtype, plain-number meta;
+- ``update.arrays`` (ArrayRecord): ``factors/<layer>/B|A``, only the factors the plan uploads (a
+  frozen one is the receiver's from the plan, a kept one never leaves the client), tensor meta,
+  ``head/<parameter>``;
 - ``metrics`` (MetricRecord): ``num-examples``, ``train-loss`` and the local-fit statistics.
 
 Floating tensors are cast to the wire dtype (float32 | bfloat16 | float16) and come back as
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Delta, Factors
+from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Delta, Factors, complete_factors
 from fedlora.ops.lowrank import Dense, LowRank
 
 RAW = "fedlora.raw-le"
@@ -157,17 +158,12 @@ def _get_delta(tensors: Mapping[str, torch.Tensor], prefix: str) -> Delta:
     return delta
 
 
-def _get_factors(tensors: Mapping[str, torch.Tensor], prefix: str, frozen_A: Mapping[str, torch.Tensor] | None = None) -> dict[str, Factors]:
-    out: dict[str, Factors] = {}
+def _get_factors(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``<prefix>/<layer>/B|A`` → {layer: {"B": …, "A": …}} with the factors that travelled."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if key.startswith(prefix + "/") and key.endswith("/B"):
-            layer = key[len(prefix) + 1 : -2]
-            A = tensors.get(f"{prefix}/{layer}/A")
-            if A is None:
-                if frozen_A is None or layer not in frozen_A:
-                    raise WireError(f"{prefix}/{layer}: no A on the wire and none known to the receiver")
-                A = frozen_A[layer].to(ARRIVAL_DTYPE)
-            out[layer] = Factors(B=t, A=A)
+        if key.startswith(prefix + "/") and key[-2:] in ("/B", "/A"):
+            out.setdefault(key[len(prefix) + 1 : -2], {})[key[-1]] = t
     return out
 
 
@@ -180,7 +176,8 @@ def plan_to_records(plan: ClientPlan, wire: str = "float32") -> RecordDict:
     config = ConfigRecord({
         "client": plan.client, "round": plan.round, "rank": plan.rank, "scale": float(plan.scale),
         "rank_pattern": json.dumps(plan.rank_pattern), "base": json.dumps([plan.base.since, plan.base.version] if plan.base else []),
-        "has_init": plan.init is not None, "train_A": plan.train_A, "wire_dtype": wire,
+        "has_init": plan.init is not None, "train_A": plan.train_A, "train_B": plan.train_B, "keep_B": plan.keep_B,
+        "wire_dtype": wire,
     })
     for layer, f in (plan.init or {}).items():
         arrays[f"init/{layer}/B"] = to_array(f.B, dt)
@@ -200,7 +197,12 @@ def records_to_plan(content: RecordDict) -> ClientPlan:
     except KeyError as e:
         raise WireError(f"not a fedlora plan: no record {e}") from None
     tensors = {k: from_array(a) for k, a in arrays.items()}
-    init = _get_factors(tensors, "init") if config["has_init"] else None
+    init = None
+    if config["has_init"]:
+        pairs = _get_factors(tensors, "init")
+        if any(set(f) != {"B", "A"} for f in pairs.values()):
+            raise WireError("init: every layer needs B and A")
+        init = {layer: Factors(f["B"], f["A"]) for layer, f in pairs.items()}
     versions = json.loads(str(config["base"]))
     base = BaseUpdate(int(versions[0]), int(versions[1]), _get_delta(tensors, "merges"), _get_delta(tensors, "reset")) if versions else None
     return ClientPlan(
@@ -210,6 +212,8 @@ def records_to_plan(content: RecordDict) -> ClientPlan:
         base=base,
         fold=_get_delta(tensors, "fold"),
         train_A=bool(config["train_A"]),
+        train_B=bool(config["train_B"]),
+        keep_B=bool(config["keep_B"]),
         meta=_get_meta(tensors, config),
         head=_get_head(tensors),
     )
@@ -218,18 +222,18 @@ def records_to_plan(content: RecordDict) -> ClientPlan:
 # ---- updates ----------------------------------------------------------------------------------
 
 
-def update_to_records(update: ClientUpdate, send_A: bool = True, wire: str = "float32", node_rank: int | None = None,
+def update_to_records(update: ClientUpdate, upload: str = "BA", wire: str = "float32", node_rank: int | None = None,
                       stats: Mapping[str, float] | None = None) -> RecordDict:
     """The client's reply; ``stats`` (plain numbers) join num-examples and train-loss in the MetricRecord."""
     dt = wire_dtype(wire)
     arrays = ArrayRecord()
-    config = ConfigRecord({"client": update.client, "scale": float(update.scale), "send_A": send_A, "wire_dtype": wire})
+    config = ConfigRecord({"client": update.client, "scale": float(update.scale), "upload": upload, "wire_dtype": wire})
     if node_rank is not None:
         config["node_rank"] = int(node_rank)
     for layer, f in update.factors.items():
-        arrays[f"factors/{layer}/B"] = to_array(f.B, dt)
-        if send_A:
-            arrays[f"factors/{layer}/A"] = to_array(f.A, dt)
+        for which, t in zip("BA", f.tensors()):
+            if which in upload:  # a frozen or kept factor never travels (ClientPlan.upload)
+                arrays[f"factors/{layer}/{which}"] = to_array(t, dt)
     _put_meta(update.meta, arrays, config, dt)
     _put_head(update.head, arrays, dt)
     metrics = MetricRecord({"num-examples": int(update.num_examples), "train-loss": float(update.train_loss)})
@@ -238,8 +242,8 @@ def update_to_records(update: ClientUpdate, send_A: bool = True, wire: str = "fl
     return RecordDict({UPDATE: config, UPDATE_ARRAYS: arrays, METRICS: metrics})
 
 
-def records_to_update(content: RecordDict, frozen_A: Mapping[str, torch.Tensor] | None = None) -> ClientUpdate:
-    """The update; when A did not travel (``train_A`` false) it is taken from ``frozen_A`` (the plan's init)."""
+def records_to_update(content: RecordDict, plan: ClientPlan, layers: Mapping[str, tuple[int, int]]) -> ClientUpdate:
+    """The update as the server holds it: the factors that did not travel are completed from ``plan`` (``complete_factors``)."""
     try:
         config, arrays, metrics = content.config_records[UPDATE], content.array_records[UPDATE_ARRAYS], content.metric_records[METRICS]
     except KeyError as e:
@@ -249,11 +253,26 @@ def records_to_update(content: RecordDict, frozen_A: Mapping[str, torch.Tensor] 
         client=int(config["client"]),
         num_examples=int(metrics["num-examples"]),
         scale=float(config["scale"]),
-        factors=_get_factors(tensors, "factors", None if config["send_A"] else frozen_A),
+        factors=_factors(tensors, str(config["upload"]), plan, layers),
         train_loss=float(metrics["train-loss"]),
         meta=_get_meta(tensors, config),
         head=_get_head(tensors),
     )
+
+
+def _factors(tensors: Mapping[str, torch.Tensor], upload: str, plan: ClientPlan, layers: Mapping[str, tuple[int, int]]) -> dict[str, Factors]:
+    if upload != plan.upload:
+        raise WireError(f"update carries factors {upload!r}, the plan uploads {plan.upload!r}")
+    sent = _get_factors(tensors, "factors")
+    bad = [layer for layer, f in sent.items() if set(f) != set(upload)]
+    if bad:
+        raise WireError(f"factors/{bad[0]}: carries {sorted(sent[bad[0]])}, expected {sorted(upload)}")
+    try:
+        return complete_factors(sent, plan, layers)
+    except KeyError as e:
+        raise WireError(f"factors: unexpected layer {e}") from None
+    except ValueError as e:
+        raise WireError(str(e)) from None
 
 
 def update_stats(content: RecordDict) -> dict[str, float]:

@@ -34,6 +34,9 @@ class ClientRuntime:
     method: Method  # the client-side hooks (client_prepare / client_regularizer / client_finish)
     trainer: LocalTrainer
     train: list[Any]  # TokenizedExample or ClassifiedExample
+    test: list[Any]  # the partition's test split (clients evaluate their own model: Method.keeps)
+    global_test: list[Any]  # the global test split (empty on a node with its own data)
+    pad_id: int
 
 
 def config_from_text(text: str) -> Config:
@@ -53,11 +56,12 @@ def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path
         exp = prepare(cfg)
         pooled = exp.method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
-        return ClientRuntime(cfg, exp.method, exp.trainer, train)
+        return ClientRuntime(cfg, exp.method, exp.trainer, train, exp.clients[partition].test, exp.global_test, exp.tokenizer.pad_token_id)
     exp = prepare(own_data_config(cfg, partition, data_path))
     _, shapes = check_model(cfg)
     log.info("partition %d: %d training examples from %s", partition, len(exp.clients[0].train), data_path)
-    return ClientRuntime(cfg, build_method(cfg.federation.method, setup_of(cfg, shapes)), exp.trainer, exp.clients[0].train)
+    own = exp.clients[0]
+    return ClientRuntime(cfg, build_method(cfg.federation.method, setup_of(cfg, shapes)), exp.trainer, own.train, own.test, [], exp.tokenizer.pad_token_id)
 
 
 def own_data_config(cfg: Config, partition: int, data_path: str) -> Config:

@@ -7,6 +7,11 @@ whatever the number of rounds (methods.md §4); a node of a method that never me
 version 0 and no tensors. safetensors and JSON only, never pickle. The JSON is written last and
 atomically, so a process killed midway leaves the previous state readable; the older tensor
 file is removed afterwards.
+
+What a method keeps on the client (``Method.keeps``: FedSA-LoRA's B) sits beside it as
+``kept-r<round>.safetensors``, one file per round it trained in, the newest two only. A round
+starts from the newest file of an *earlier* round, so a round redone after the ServerApp
+restarted from its checkpoint starts where it started the first time.
 """
 
 from __future__ import annotations
@@ -52,3 +57,26 @@ def save_state(folder: Path, version: int, base: dict[str, torch.Tensor]) -> Non
     for old in folder.iterdir():
         if re.fullmatch(r"base-v\d+\.safetensors", old.name) and old.name != name:
             old.unlink()
+
+
+_KEPT = re.compile(r"kept-r(\d+)\.safetensors")
+
+
+def load_kept(folder: Path, before: int) -> dict[str, torch.Tensor] | None:
+    """What the client kept after its newest round earlier than ``before`` (None: it never trained)."""
+    rounds = sorted(int(m.group(1)) for p in folder.glob("kept-r*.safetensors") if (m := _KEPT.fullmatch(p.name)) and int(m.group(1)) < before)
+    return load_file(folder / f"kept-r{rounds[-1]}.safetensors") if rounds else None
+
+
+def save_kept(folder: Path, round: int, kept: dict[str, torch.Tensor]) -> None:
+    """Store round ``round``'s kept tensors atomically; keep this file and the newest earlier one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"kept-r{round}.safetensors"
+    tmp = folder / (final.name + ".tmp")
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in kept.items()}, str(tmp))
+    os.replace(tmp, final)
+    rounds = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _KEPT.fullmatch(p.name)))
+    older = [r for r in rounds if r < round]
+    for r in rounds:
+        if r > round or (r < round and r != older[-1]):
+            (folder / f"kept-r{r}.safetensors").unlink()

@@ -30,7 +30,7 @@ from flwr.supercore import log
 
 from fedlora.app import checkpoint
 from fedlora.federation.round import Arrival, RoundFailed, start_of
-from fedlora.federation.server import Round, Server
+from fedlora.federation.server import Round, Server, personal_eval
 from fedlora.flower.client_app import RUN
 from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
@@ -64,6 +64,7 @@ class FedLoraStrategy(Strategy):
         self.wire = self.cfg.federation.wire_dtype
         self.sent: _Sent | None = None
         self.entry: dict[str, Any] | None = None
+        self.evaluating: dict[int, Message] = {}  # partition → evaluate message (Method.keeps)
 
     def summary(self) -> None:
         fed = self.cfg.federation
@@ -101,7 +102,7 @@ class FedLoraStrategy(Strategy):
             plan = method.client_prepare(sent.plans[k])  # the client's pure expansion, repeated here
             content = arrived[k].content
             try:
-                update = records_to_update(content, frozen_A={n: f.A for n, f in (plan.init or {}).items()})
+                update = records_to_update(content, plan, method.setup.layers)
                 stats = update_stats(content)
                 node_rank = int(content.config_records["update"].get("node_rank", plan.rank))
             except (WireError, KeyError, TypeError, ValueError, AssertionError) as e:  # malformed records, mismatched factor shapes
@@ -114,7 +115,7 @@ class FedLoraStrategy(Strategy):
             }
             self.server.receive(sent.round, Arrival(sent.plans[k], plan, update, start_of(method, plan), extras))  # it replied: it caught up
         sent.round.server.lost = sent.lost
-        entry = self.server.close(sent.round)
+        entry = self.server.close(sent.round, evaluate=not method.keeps)  # keeps: the clients evaluate (configure_evaluate)
         entry.update({
             "wire_bytes_up": sum(r["wire_bytes_up"] for r in entry["clients"]),
             "wire_bytes_down": sum(sent.wire_down.values()),  # every plan sent, also to clients lost later
@@ -146,12 +147,43 @@ class FedLoraStrategy(Strategy):
             log(WARNING, "round %d: lost partition %d (node %s): %s", number, lost["id"], lost["node"], lost["error"].splitlines()[0])
         return arrived
 
-    # ---- evaluation: on the server, inside Server.close; here only the record ---------------------
+    # ---- evaluation: on the server inside Server.close, or by the clients that keep part of their model ----
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the global model is evaluated on the server (Server.close), exactly as the simulator does
+        """None, unless the method's clients keep part of their model (FedSA-LoRA): then every partition evaluates its own."""
+        number = self.start_round + server_round
+        if not self.server.method.keeps or not self.server.evaluates(number):
+            return []  # the global model is evaluated on the server (Server.close), exactly as the simulator does
+        self.roster.call(grid, self.roll_call_timeout)
+        self.evaluating = {}
+        for k in range(self.cfg.federation.num_clients):
+            node = self.roster.node_of(k)
+            if node is None:
+                continue
+            content = plan_to_records(self.server.eval_plan(k, number), self.wire)
+            content[RUN] = ConfigRecord({"config": self.cfg_text, "run": self.run_key})
+            self.evaluating[k] = Message(content, dst_node_id=node.node_id, message_type=MessageType.EVALUATE, group_id=str(number))
+        return list(self.evaluating.values())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The clients' scores as the round's ``eval`` (``personal_eval``, as the simulator computes it)."""
+        if not self.evaluating:
+            return None
+        by_id = {m.metadata.message_id: k for k, m in self.evaluating.items()}
+        scores: dict[int, dict[str, dict[str, float]]] = {}
+        for reply in replies:
+            k = by_id.get(reply.metadata.reply_to_message_id)
+            if k is None or reply.has_error():
+                log(WARNING, "evaluation reply of partition %s lost: %s", k, reply.error.reason if reply.has_error() else "unknown message")
+                continue
+            for key, value in reply.content.metric_records["eval"].items():
+                split, _, metric = key.partition("/")
+                scores.setdefault(k, {}).setdefault(split, {})[metric] = float(value)
+        self.evaluating = {}
+        assert self.entry is not None
+        self.entry["eval"] = personal_eval(scores)
+        if missing := sorted(set(range(self.cfg.federation.num_clients)) - set(scores)):
+            self.entry["eval"]["missing"] = missing
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

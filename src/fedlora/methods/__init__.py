@@ -5,14 +5,18 @@ from __future__ import annotations
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
 from fedlora.methods.errors import MethodError
 from fedlora.methods.centralized import Centralized
+from fedlora.methods.fedex import FedEx
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.fedplora import FedPLoRA
+from fedlora.methods.fedsa import FedSA
 from fedlora.methods.flora import FLoRA
+from fedlora.methods.florist import FLoRIST
 from fedlora.methods.full import FullFedAvg
 from fedlora.methods.ffa import FFALoRA
 from fedlora.methods.flexlora import FlexLoRA
 from fedlora.methods.hetlora import HetLoRA
 from fedlora.methods.local import LocalOnly
+from fedlora.methods.rolora import RoLoRA
 from fedlora.methods.zeropad import ZeroPad
 
 REGISTRY: dict[str, type] = {}
@@ -26,7 +30,7 @@ def register(cls: type) -> type:
     return cls
 
 
-for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FullFedAvg, Centralized, LocalOnly):
+for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FedSA, FedEx, RoLoRA, FLoRIST, FullFedAvg, Centralized, LocalOnly):
     register(_cls)
 
 

@@ -7,7 +7,7 @@ prints or knows about transport (architecture.md §1–2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -71,6 +71,11 @@ class ClientPlan:
       (merging methods: always, empty when it is there already; None: the method never merges).
     - ``fold``: deltas folded into the frozen weights for this round only (Fed-PLoRA).
     - ``init``: the adapter's starting factors, or None for a fresh PEFT init (B = 0).
+    - ``train_A``/``train_B``: which factors train; a frozen one stays at its ``init``.
+    - ``keep_B``: B trains but stays on the client (FedSA-LoRA); it never crosses a wire.
+
+    ``upload`` follows: a factor goes up when it trained and is not kept. The receiver knows
+    every other factor already (a frozen one is the plan's ``init``), see ``as_received``.
     """
 
     client: int
@@ -82,8 +87,19 @@ class ClientPlan:
     base: BaseUpdate | None = None
     fold: Delta = field(default_factory=dict)
     train_A: bool = True
+    train_B: bool = True
+    keep_B: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # dense task head (classifier), FedAvg'd outside the method
+
+    @property
+    def upload(self) -> str:
+        """The factors that travel up: "BA", "B", "A" (or "")."""
+        return ("B" if self.train_B and not self.keep_B else "") + ("A" if self.train_A else "")
+
+
+Kept = dict[str, torch.Tensor]
+"""What a client keeps between rounds and never sends (FedSA-LoRA's B per layer): flat tensors by key."""
 
 
 @dataclass
@@ -128,6 +144,7 @@ class Method:
     min_upload_rank: int | None = None  # None: an upload has exactly the plan's rank; else it may shrink to this
     modules: int | None = None  # Fed-PLoRA: the number R of one-rank modules per layer, checked on upload
     merged: Any = None  # a MergedBase when the method merges each round into the frozen base (FLoRA, zero-padding)
+    keeps = False  # the client keeps state between rounds (``client_keep``/``client_start``), never sent; clients evaluate
 
     def plan(self, client: int, round: int) -> ClientPlan:
         raise NotImplementedError
@@ -157,6 +174,18 @@ class Method:
 
     def client_prepare(self, plan: ClientPlan) -> ClientPlan:
         return plan
+
+    def client_start(self, plan: ClientPlan, kept: Kept | None) -> ClientPlan:
+        """Client side, after ``client_prepare``: the plan completed with what the client kept (None: nothing yet)."""
+        return plan
+
+    def client_keep(self, plan: ClientPlan, update: ClientUpdate) -> Kept | None:
+        """Client side, after training: what the client stores for its next round (None: nothing)."""
+        return None
+
+    def client_model(self, plan: ClientPlan) -> Delta:
+        """Client side (``keeps`` methods): the client's own model over the base, from its started plan."""
+        return {n: [LowRank(f.B * plan.scale, f.A)] for n, f in (plan.init or {}).items()}
 
     def client_regularizer(self, plan: ClientPlan) -> Regularizer | None:
         return None
@@ -208,13 +237,49 @@ def plan_nbytes(plan: ClientPlan) -> int:
     return tensors_nbytes([*ts, *plan.head.values()]) + _meta_nbytes(plan.meta)
 
 
-def update_nbytes(update: ClientUpdate, send_A: bool = True) -> int:
-    """Uplink bytes: the returned factors (A only when it trained) and any indices."""
+def update_nbytes(update: ClientUpdate, upload: str = "BA") -> int:
+    """Uplink bytes: the factors that travel up (``ClientPlan.upload``) and any indices."""
     ts: list[torch.Tensor] = []
     for f in update.factors.values():
-        ts += [f.B, f.A] if send_A else [f.B]
+        ts += [t for which, t in zip("BA", f.tensors()) if which in upload]
     return tensors_nbytes([*ts, *update.head.values()]) + _meta_nbytes(update.meta)
 
 
 def _meta_nbytes(meta: Mapping[str, Any]) -> int:
     return sum(tensors_nbytes([v]) for v in meta.values() if isinstance(v, torch.Tensor))
+
+
+def as_received(update: ClientUpdate, plan: ClientPlan, layers: LayerShapes) -> ClientUpdate:
+    """The update as the server holds it: only the uploaded factors are the client's.
+
+    Both transports pass every reply through ``complete_factors``, so the server sees the same
+    update in process and over Flower.
+    """
+    if plan.upload == "BA":
+        return update
+    sent = {n: {w: t for w, t in zip("BA", f.tensors()) if w in plan.upload} for n, f in update.factors.items()}
+    return replace(update, factors=complete_factors(sent, plan, layers))
+
+
+def complete_factors(sent: Mapping[str, Mapping[str, torch.Tensor]], plan: ClientPlan, layers: LayerShapes) -> dict[str, Factors]:
+    """Per layer, the uploaded factors plus the ones that did not travel.
+
+    A frozen factor is the plan's ``init`` (the receiver sent it, or knows its seed); a kept one
+    (FedSA-LoRA's B) is zeros of its shape: a placeholder no method reads.
+    """
+    out = {}
+    for name, got in sent.items():
+        d_out, d_in = layers[name]
+        r = plan.rank_pattern.get(name, plan.rank)
+        dtype = next(iter(got.values())).dtype if got else torch.float32
+        init = (plan.init or {}).get(name)
+        B = got.get("B")
+        if B is None:
+            B = torch.zeros(d_out, r, dtype=dtype) if plan.keep_B or init is None else init.B.to(dtype)
+        A = got.get("A")
+        if A is None:
+            if init is None:
+                raise ValueError(f"layer {name}: A did not travel and the plan holds none")
+            A = init.A.to(dtype)
+        out[name] = Factors(B, A)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
-from fedlora.methods.errors import MethodError
+from fedlora.methods.checks import one_rank, one_scale
 from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import read_options
 
@@ -25,18 +25,8 @@ class FedIT(Folds):
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)
-        if setup.rank_patterns:
-            raise MethodError("lora.rank_patterns: fedit needs one rank on every layer (accepted: none, or method flora)")
-        ranks, scales = set(setup.ranks.values()), set(setup.scales.values())
-        if len(ranks) != 1:
-            raise MethodError(
-                f"federation.method: 'fedit' needs one rank for every client, got lora.ranks={sorted(setup.ranks.values())} "
-                "(accepted: lora.rank=R, or a heterogeneous method: flora, zeropad, hetlora, flexlora, fedplora)"
-            )
-        if len(scales) != 1:
-            raise MethodError(f"federation.method: 'fedit' needs one lora.scale for every client, got {sorted(scales)}")
         self.setup = setup
-        self.rank, self.scale = ranks.pop(), scales.pop()
+        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
         gen = seeded_generator(setup.seed, 0)
         self.factors: dict[str, Factors] = {
             name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))

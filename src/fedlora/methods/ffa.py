@@ -22,6 +22,7 @@ import zlib
 import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, plan_for_layers
+from fedlora.methods.checks import HETEROGENEOUS, one_rank, one_scale
 from fedlora.methods.errors import MethodError
 from fedlora.methods.folding import FoldsB
 from fedlora.methods.options import read_options
@@ -49,22 +50,16 @@ class FFALoRA(FoldsB):
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)
         self.setup = setup
-        scales = sorted(set(setup.scales.values()))
-        if len(scales) != 1:
-            raise MethodError(f"federation.method: 'ffa' needs one lora.scale for every client, got {scales}")
+        self.scale = one_scale(self.name, setup)
         for name in setup.layers:
             if len(per_layer := sorted({setup.rank_of(k, name) for k in setup.ranks})) == 1:
                 continue
             if len(set(setup.ranks.values())) != 1:
-                raise MethodError(
-                    f"federation.method: 'ffa' needs one rank for every client, got lora.ranks={sorted(setup.ranks.values())} "
-                    "(accepted: lora.rank=R, or a heterogeneous method: flora, zeropad, hetlora, flexlora, fedplora)"
-                )
+                one_rank(self.name, Setup(setup.layers, setup.ranks, setup.scales))  # the one-rank error
             raise MethodError(
                 f"lora.rank_patterns: 'ffa' needs every client to share each layer's rank, got {per_layer} on {name} "
-                "(accepted: one pattern for all clients, or a heterogeneous method: flora, zeropad, hetlora, flexlora, fedplora)"
+                f"(accepted: one pattern for all clients, or a heterogeneous method: {HETEROGENEOUS})"
             )
-        self.scale = scales[0]
         self.rank = {name: setup.rank_of(next(iter(setup.ranks)), name) for name in setup.layers}
         self.A = self._draw_A(setup.seed)
         self.B: dict[str, torch.Tensor] = {

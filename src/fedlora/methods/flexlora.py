@@ -31,7 +31,7 @@ import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
 from fedlora.methods.errors import MethodError
-from fedlora.methods.options import Option, read_options
+from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
 from fedlora.ops.weights import normalised
 
@@ -41,7 +41,7 @@ class FlexLoRA(Method):
     summary = "Average s_k B_k A_k exactly; each client restarts from the rank-r_k truncated SVD of that global update."
 
     options = {
-        "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+        "weights": WEIGHTS,
     }
 
     state_keys = ("delta", "round")

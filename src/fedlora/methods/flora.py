@@ -15,7 +15,7 @@ low-rank and dense forms is smaller (``smallest_form``: dense once Σr_k (d_out 
 from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
-from fedlora.methods.options import Option, read_options
+from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
@@ -26,7 +26,7 @@ class FLoRA(Folds):
     summary = "Stack the clients' factors so the merge equals Σ p_k s_k B_k A_k exactly; fresh adapters each round."
 
     options = {
-        "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+        "weights": WEIGHTS,
         "scaling": Option(1.0, "multiplier c on every p_k (the paper's scaling-factor study); c ≠ 1 is inexact by |c − 1|", low=0.0),
     }
 

@@ -38,6 +38,10 @@ class Option:
         return value
 
 
+WEIGHTS = Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform"))
+"""The ``weights`` option of every method that may weigh clients either way."""
+
+
 def read_options(method: str, spec: Mapping[str, Option], given: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults filled in; an unknown key or a bad value is one MethodError line."""
     unknown = sorted(set(given) - set(spec))

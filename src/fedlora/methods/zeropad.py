@@ -22,7 +22,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import Option, read_options
+from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, smallest_form
 
 
@@ -31,7 +31,7 @@ class ZeroPad(Folds):
     summary = "Zero-pad every client's factors to the largest rank, average A and B separately, merge B̄Ā; fresh adapters each round."
 
     options = {
-        "weights": Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform")),
+        "weights": WEIGHTS,
     }
 
     state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")

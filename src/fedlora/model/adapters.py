@@ -132,7 +132,7 @@ class AdapterHost:
     @contextmanager
     def adapter(
         self, rank: int, scale: float, target_modules: list[str], init: dict[str, Factors] | None = None,
-        train_A: bool = True, seed: int = 0, dropout: float = 0.0, rank_pattern: dict[str, int] | None = None,
+        train_A: bool = True, seed: int = 0, train_B: bool = True, dropout: float = 0.0, rank_pattern: dict[str, int] | None = None,
         adalora: AdaLoraSpec | None = None,
     ) -> Iterator[PeftModel]:
         """Attach a LoRA (rank r, lora_alpha = s·r) for the duration of the block, then remove it.
@@ -163,9 +163,9 @@ class AdapterHost:
             assert set(layers) == set(self.layer_names), "PEFT adapted a different set of layers"
             if init is not None:
                 write_factors(layers, init)
-            if not train_A:
-                for layer in layers.values():
-                    _weight(layer.lora_A[ADAPTER]).requires_grad_(False)
+            for layer in layers.values():
+                _weight(layer.lora_A[ADAPTER]).requires_grad_(train_A)
+                _weight(layer.lora_B[ADAPTER]).requires_grad_(train_B)
             yield peft_model
         finally:
             self.model = peft_model.unload()

@@ -74,7 +74,9 @@ class Simulation:
         for k in rnd.sampled:
             sent = rnd.plans.pop(k)  # what travels down
             self.hooks.client_start(k, exp.cfg.train.local_steps)
-            plan, update, stats = client_round(exp.method, exp.trainer, sent, self.server.train_data(k), on_step=self.hooks.step)
+            plan, update, stats, kept = client_round(exp.method, exp.trainer, sent, self.server.train_data(k), self.server.kept.get(k), self.hooks.step)
+            if kept is not None:
+                self.server.kept[k] = kept  # the client's, never sent: in process it lives beside the server
             self.server.receive(rnd, Arrival(sent, plan, update, start_of(exp.method, plan), {"padded_fraction": stats.padded_fraction}))
             del sent, plan, update  # folded in: not kept
             self.hooks.client_end(number, k)

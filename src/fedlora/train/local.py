@@ -60,7 +60,7 @@ class LocalTrainer:
         run_seed = int(seeded_generator(self.seed, plan.round, plan.client).initial_seed() % (2**31))
         try:
             with self.host.adapter(
-                plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, seed=run_seed,
+                plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, train_B=plan.train_B, seed=run_seed,
                 dropout=self.dropout, rank_pattern=plan.rank_pattern, adalora=self._adalora(plan.rank),
             ) as peft_model, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(run_seed)  # dropout draws are a function of (seed, round, client)

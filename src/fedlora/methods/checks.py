@@ -1,0 +1,30 @@
+"""Setup checks shared by the methods that need one rank or one scale for every client."""
+
+from __future__ import annotations
+
+from fedlora.methods.base import Setup
+from fedlora.methods.errors import MethodError
+
+HETEROGENEOUS = "flora, florist, zeropad, hetlora, flexlora, fedplora"
+"""The methods that accept a different rank per client (named in every one-rank error)."""
+
+
+def one_rank(method: str, setup: Setup) -> int:
+    """The rank every client shares on every layer, or a one-line error naming the alternatives."""
+    if setup.rank_patterns:
+        raise MethodError(f"lora.rank_patterns: {method} needs one rank on every layer (accepted: none, or a heterogeneous method: {HETEROGENEOUS})")
+    ranks = sorted(set(setup.ranks.values()))
+    if len(ranks) != 1:
+        raise MethodError(
+            f"federation.method: {method!r} needs one rank for every client, got lora.ranks={sorted(setup.ranks.values())} "
+            f"(accepted: lora.rank=R, or a heterogeneous method: {HETEROGENEOUS})"
+        )
+    return ranks[0]
+
+
+def one_scale(method: str, setup: Setup) -> float:
+    """The scale s every client shares (lora.scale), or a one-line error."""
+    scales = sorted(set(setup.scales.values()))
+    if len(scales) != 1:
+        raise MethodError(f"federation.method: {method!r} needs one lora.scale for every client, got {scales} (accepted: one lora.scale)")
+    return scales[0]

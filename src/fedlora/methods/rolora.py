@@ -1,0 +1,76 @@
+"""RoLoRA: alternating optimisation of the LoRA factors ("Robust Federated Finetuning
+of LLMs via Alternating Optimization of LoRA", NeurIPS 2025, arXiv 2502.01755).
+
+One shared pair (B, A) at one rank r, resumed by every client (no re-initialisation). Odd rounds
+train only B with A frozen at the global A; even rounds train only A with B frozen at the
+global B. B starts at 0 (PEFT's init), so B goes first: an A round from B = 0 would get no
+gradient. The server averages the one factor that trained, with the other one shared by every
+client, so the average is exact:
+
+    Σ_k p_k s B_k A = s B̄ A,    Σ_k p_k s B A_k = s B Ā     (agg_noise 0).
+
+Each direction sends one factor: up r·d_out (B rounds) or r·d_in (A rounds); down both factors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
+from fedlora.methods.checks import one_rank, one_scale
+from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.options import WEIGHTS, read_options
+from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+
+
+def trains_B(round: int) -> bool:
+    """Odd rounds (1, 3, …) train B, even rounds train A."""
+    return round % 2 == 1
+
+
+class RoLoRA(Folds):
+    name = "rolora"
+    summary = "Alternate: odd rounds train and average B (A shared), even rounds A (B shared); exact averages."
+
+    options = {"weights": WEIGHTS}
+    state_keys = ("factors",)
+
+    def __init__(self, setup: Setup) -> None:
+        opts = read_options(self.name, self.options, setup.options)
+        self.setup = setup
+        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
+        self.uniform = opts["weights"] == "uniform"
+        gen = seeded_generator(setup.seed, 0)
+        self.factors: dict[str, Factors] = {
+            name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
+            for name, (d_out, d_in) in setup.layers.items()
+        }
+
+    def plan(self, client: int, round: int) -> ClientPlan:
+        b_round = trains_B(round)
+        init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
+        return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init, train_A=not b_round, train_B=b_round)
+
+    def begin(self, round: int) -> Sum:
+        return Sum(round)
+
+    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
+        """Add w_k times the factor that trained this round."""
+        w = 1.0 if self.uniform else float(weight)
+        acc.add(u.client, w)
+        which = "B" if trains_B(acc.round) else "A"
+        for name in self.setup.layers:
+            f = u.factors[name]
+            add_weighted(acc.layers, name, f.B if which == "B" else f.A, w, self.setup.dtype)
+
+    def commit(self, acc: Sum) -> None:
+        """Replace the trained factor by its weighted mean; the frozen one stays as it was."""
+        norm = acc.norm()
+        b_round = trains_B(acc.round)
+        self.factors = {
+            name: Factors(B=acc.layers[name].mul_(norm), A=f.A) if b_round else Factors(B=f.B, A=acc.layers[name].mul_(norm))
+            for name, f in self.factors.items()
+        }
+
+    def global_delta(self) -> Delta:
+        return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}
