@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.sim.federation import Simulation
     from fedlora.app.progress import rich_hooks
     from fedlora.app.checkpoint import run_with_checkpoints
+    from fedlora.app.final import save_final
     from fedlora.app.run_dir import RunDir, default_run_dir, resume_config, summarize
     config_path = args.config or packaged_config("default")
     cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
@@ -57,28 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.write_partition(exp.partition_info)
     log.info("run folder: %s", run.path)
     with rich_hooks(console, cfg) as hooks:
-        run_with_checkpoints(Simulation(exp, hooks), run, resume_run=bool(args.resume))
+        sim = Simulation(exp, hooks)
+        run_with_checkpoints(sim, run, resume_run=bool(args.resume))
     if cfg.output.save_final:
-        save_final(exp, run.path / "final")
+        save_final(sim.server, run.path / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
     Console().print(summary_table(summary, cfg.client_ranks()))
     return 0
-
-
-def save_final(exp, folder: Path) -> None:
-    """The global model's update as a PEFT adapter; per-client adapters for a personal method."""
-    from fedlora.model.export import save_adapter
-
-    args = (exp.cfg.lora.target_modules,)
-    if exp.method.personal:
-        for c in exp.clients:
-            save_adapter(exp.host, exp.method.client_delta(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
-        log.info("final per-client adapters in %s", folder)
-        return
-    rank = save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))
-    log.info("final global adapter (rank %d, exact) in %s", rank, folder)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ def assert_matches_simulator(run: Path, sim: dict, rounds: list[int]) -> None:
         assert err < 1e-6, f"round {rnd}: G_t − W_0 differs from the simulator's by {err:.2e}"
 
 
-@pytest.mark.parametrize("method", ["flora", "fedplora"])
+@pytest.mark.parametrize("method", ["flora"])  # fedplora's wire (indices, folds) is checked bit for bit in test_flower_inprocess.py
 def test_flower_deploy_matches_the_simulator_and_the_byte_table(loopback, simulate, tmp_path, method):
     overrides = [*FAST, f"federation.method={method}"]
     t0 = time.perf_counter()
@@ -213,3 +213,37 @@ def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tmp_path
     assert _comparable(broken) == _comparable(tmp_path / "whole")
     ta, tb = (load_file(r / "final" / "adapter_model.safetensors") for r in (broken, tmp_path / "whole"))
     assert set(ta) == set(tb) and all(ta[k].equal(tb[k]) for k in ta)
+
+
+def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simulator(loopback, simulate, tmp_path):
+    """FedSA-LoRA on real SuperNodes: only A crosses the wire (the byte counters and the wire bytes say so),
+    each node keeps its B in its state folder and evaluates its own model, and every client's scores,
+    counters and weights equal the in-process simulator's; each node writes its own final adapter."""
+    overrides = [*FAST, "federation.method=fedsa", "lora.ranks=[2,2,2]"]
+    run = tmp_path / "run"
+    summary = loopback.run(TINY, run, overrides, round_timeout=900)
+    sim = simulate(overrides)
+    flower = {m["round"]: m for m in read_metrics(run)}
+    a_bytes = 4 * 2 * LAYERS * (576 + 576)  # r·d_in per layer, q and v (float32)
+    for rnd in (0, 1, 2):
+        f, s = flower[rnd], sim["metrics"][rnd]
+        assert f["eval"]["clients"].keys() == s["eval"]["clients"].keys() == {"0", "1", "2"}
+        for k, c in s["eval"]["clients"].items():
+            assert f["eval"]["clients"][k]["loss"] == pytest.approx(c["loss"], abs=1e-6)
+        assert f["eval"]["global"]["loss"] == pytest.approx(s["eval"]["global"]["loss"], abs=1e-6)
+        if rnd == 0:
+            continue
+        assert f["weights"] == pytest.approx(s["weights"], abs=1e-12) and f["lost"] == [] and f["agg_noise"] is None
+        for fc, sc in zip(f["clients"], s["clients"], strict=True):
+            assert fc["bytes_up"] == fc["bytes_down"] == sc["bytes_up"] == a_bytes
+            assert 1.0 <= fc["wire_bytes_up"] / a_bytes < 1.03 and 1.0 <= fc["wire_bytes_down"] / a_bytes < 1.03  # no B: it would add 67 %
+            assert fc["train_loss"] == pytest.approx(sc["train_loss"], abs=1e-6)
+    losses = [c["loss"] for c in flower[2]["eval"]["clients"].values()]
+    assert len(set(losses)) == 3  # three models, one per client
+    from fedlora.flower.server_app import run_key
+    from fedlora.flower.state import state_dir
+
+    for k in range(3):  # the node's own state folder for this run: its B after round 2, and its final adapter
+        folder = state_dir(loopback.workdir / f"node-{k}" / "state", run_key(run), k)
+        assert (folder / "kept-r2.safetensors").is_file() and (folder / "final" / "adapter_model.safetensors").is_file(), folder
+    assert not (run / "final").exists() and summary["rounds"] == 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Kept, Method
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Kept, Method
 from fedlora.train.local import FitStats, LocalTrainer
 
 
@@ -29,7 +29,7 @@ def client_evaluate(method: Method, trainer: LocalTrainer, sent: ClientPlan, kep
     plan = method.client_start(method.client_prepare(sent), kept)
     host = trainer.host
     host.catch_up(plan.base)
-    own = method.client_model(plan)
+    own = own_model(method, sent, kept)
     host.set_delta({n: [*plan.fold.get(n, []), *own.get(n, [])] for n in {*plan.fold, *own}})
     try:
         if plan.head:
@@ -37,3 +37,8 @@ def client_evaluate(method: Method, trainer: LocalTrainer, sent: ClientPlan, kep
         return {name: trainer.task.evaluate(host.model, data, batch_size, pad_id, trainer.device) for name, data in splits.items() if data}
     finally:
         host.restore()
+
+
+def own_model(method: Method, sent: ClientPlan, kept: Kept | None) -> Delta:
+    """The client's own model over its base: what it kept, completed by the shared part the plan carries."""
+    return method.client_model(method.client_start(method.client_prepare(sent), kept))

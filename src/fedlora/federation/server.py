@@ -17,8 +17,8 @@ import psutil
 
 from fedlora.federation.heads import Heads
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
-from fedlora.federation.client import client_evaluate
-from fedlora.methods.base import ClientPlan, Kept
+from fedlora.federation.client import client_evaluate, own_model
+from fedlora.methods.base import ClientPlan, Delta, Kept
 from fedlora.methods.state import load_state, state_of
 
 
@@ -114,6 +114,12 @@ class Server:
         plan = self.method.plan(client, number + 1)
         plan.head = self.heads.of(client)
         return plan
+
+    def own_model(self, client: int) -> Delta:
+        """Client k's own model over the base (personal methods), after the last round: what it would export."""
+        if self.method.keeps:
+            return own_model(self.method, self.eval_plan(client, self.exp.cfg.federation.rounds), self.kept.get(client))
+        return self.method.client_delta(client)
 
     def evaluate(self, number: int = 0) -> dict[str, Any]:
         """Global model G_t on the global test split and on every client's test split.

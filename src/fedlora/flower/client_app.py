@@ -77,7 +77,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """The client's own model (what it kept plus the shared part the server sent) on its test split and the global one."""
+    """The client's own model (what it kept plus the shared part the server sent) on its test split and the global one.
+
+    After the last round it also writes that model as a PEFT adapter to ``<state folder>/final``:
+    only the node holds its B."""
     from flwr.app import MetricRecord
 
     from fedlora.federation.client import client_evaluate
@@ -92,6 +95,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     rt.trainer.host.load_base(*load_state(folder))
     scores = client_evaluate(rt.method, rt.trainer, sent, load_kept(folder, sent.round), {"test": rt.test, "global": rt.global_test},
                              rt.cfg.eval.batch_size, rt.pad_id)
+    if sent.round > rt.cfg.federation.rounds and rt.cfg.output.save_final and rt.model_dir is not None:
+        from fedlora.federation.client import own_model
+        from fedlora.model.export import save_adapter
+
+        save_adapter(rt.trainer.host, own_model(rt.method, sent, load_kept(folder, sent.round)), rt.cfg.lora.target_modules, folder / "final", str(rt.model_dir))
     metrics = MetricRecord({f"{split}/{key}": float(v) for split, s in scores.items() for key, v in s.items()})
     return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 

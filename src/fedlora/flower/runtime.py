@@ -37,6 +37,7 @@ class ClientRuntime:
     test: list[Any]  # the partition's test split (clients evaluate their own model: Method.keeps)
     global_test: list[Any]  # the global test split (empty on a node with its own data)
     pad_id: int
+    model_dir: Any = None  # where the base model lies (a node's own final adapter names it)
 
 
 def config_from_text(text: str) -> Config:
@@ -56,12 +57,12 @@ def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path
         exp = prepare(cfg)
         pooled = exp.method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
-        return ClientRuntime(cfg, exp.method, exp.trainer, train, exp.clients[partition].test, exp.global_test, exp.tokenizer.pad_token_id)
+        return ClientRuntime(cfg, exp.method, exp.trainer, train, exp.clients[partition].test, exp.global_test, exp.tokenizer.pad_token_id, exp.model_dir)
     exp = prepare(own_data_config(cfg, partition, data_path))
     _, shapes = check_model(cfg)
     log.info("partition %d: %d training examples from %s", partition, len(exp.clients[0].train), data_path)
     own = exp.clients[0]
-    return ClientRuntime(cfg, build_method(cfg.federation.method, setup_of(cfg, shapes)), exp.trainer, own.train, own.test, [], exp.tokenizer.pad_token_id)
+    return ClientRuntime(cfg, build_method(cfg.federation.method, setup_of(cfg, shapes)), exp.trainer, own.train, own.test, [], exp.tokenizer.pad_token_id, exp.model_dir)
 
 
 def own_data_config(cfg: Config, partition: int, data_path: str) -> Config:

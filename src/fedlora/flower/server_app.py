@@ -69,7 +69,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds - start, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
     if cfg.output.save_final:
-        save_final(exp, out / "final")
+        from fedlora.app.final import save_final
+
+        save_final(server, out / "final")
     metrics = run.read_metrics()
     summary = summarize(metrics, time.perf_counter() - t0)
     rounds = [m for m in metrics if m["round"] > 0]
@@ -87,15 +89,3 @@ def run_key(folder: Path) -> str:
     import hashlib
 
     return f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]}"
-
-
-def save_final(exp, folder: Path) -> None:
-    """The global update as a PEFT adapter; per-client adapters for a personal method (as `fedlora run`)."""
-    from fedlora.model.export import save_adapter
-
-    args = (exp.cfg.lora.target_modules,)
-    if exp.method.personal:
-        for c in exp.clients:
-            save_adapter(exp.host, exp.method.client_delta(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
-        return
-    save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))

@@ -1,0 +1,31 @@
+"""The run's final adapter(s) under ``RUN_DIR/final``, written the same way after the simulator and after Flower."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fedlora.federation.server import Server
+from fedlora.model.export import save_adapter
+
+log = logging.getLogger(__name__)
+
+
+def save_final(server: Server, folder: Path) -> None:
+    """The global update as a PEFT adapter; per-client adapters ``client-<k>/`` for a personal method.
+
+    A method whose clients keep part of their model (FedSA-LoRA's B) can only be written where
+    that part is: in process, from the clients' kept state; over Flower each node writes its own.
+    """
+    exp = server.exp
+    args = (exp.cfg.lora.target_modules,)
+    if exp.method.keeps and not server.kept:
+        log.info("final: each client's adapter stays with the client that holds its B (Flower: the node's state folder)")
+        return
+    if exp.method.personal:
+        for c in exp.clients:
+            save_adapter(exp.host, server.own_model(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
+        log.info("final per-client adapters in %s", folder)
+        return
+    rank = save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))
+    log.info("final global adapter (rank %d, exact) in %s", rank, folder)
