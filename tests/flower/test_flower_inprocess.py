@@ -8,14 +8,17 @@ update matches bit for bit, round by round.
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.app import checkpoint
 from fedlora.config import load_config, packaged_config, to_yaml
 from fedlora.data.formatting import ClassifiedExample, TokenizedExample
 from fedlora.flower import client_app, runtime
@@ -86,8 +89,10 @@ class InProcessGrid:
         return replies
 
 
-def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
-    """The ServerApp's steps with the in-process grid; each node's runtime shares the experiment's model."""
+def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, recorded=()):
+    """The ServerApp's steps with the in-process grid; each node's runtime shares the experiment's model.
+
+    ``resume_from``: a checkpoint folder to continue from, as a restarted ServerApp does (``recorded``: metrics.jsonl so far)."""
     client_methods = {}
 
     def fake_runtime(cfg_text, partition, num_partitions, data_path):
@@ -110,8 +115,12 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=()):
         deltas[entry["round"]] = dense(exp.method.global_delta())
         heads[entry["round"]] = {k: {n: t.clone() for n, t in h.items()} for k, h in strategy.server.heads.heads.items()}
 
-    strategy = FedLoraStrategy(Server(exp), roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints")
-    strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds, timeout=5, evaluate_fn=strategy.evaluate)
+    server, start = Server(exp), 0
+    if resume_from is not None:
+        done = checkpoint.load(resume_from, server, list(recorded))
+        start = done[-1]["round"]
+    strategy = FedLoraStrategy(server, roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints", start_round=start, lines=start + 1 if start else 0)
+    strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds - start, timeout=5, evaluate_fn=strategy.evaluate)
     exp.flower_server = strategy.server  # what the ServerApp held at the end
     return records, deltas, heads
 
@@ -201,3 +210,21 @@ def test_flower_round_goes_on_without_a_lost_client_and_fails_below_min_clients(
     with pytest.raises(RoundFailed, match="min_clients=3"):
         _flower(exp, setup, tmp_path / "b", monkeypatch, dead=[1])
 
+
+
+def test_flower_fedsa_resumed_after_a_lost_round_starts_each_client_from_its_b_before_that_round(tiny_llama, tmp_path, monkeypatch):
+    """A ServerApp restarted from its round-2 checkpoint reruns round 3; the nodes hold B files from the lost
+    round 3 (here made wrong on purpose): each client must start round 3 again from its round-2 B."""
+    exp, setup = _experiment(tiny_llama, "fedsa", (2, 2, 2), ["federation.rounds=3"])
+    whole, _, _ = _flower(exp, setup, tmp_path, monkeypatch)
+    assert [p.name for p in checkpoint.complete(tmp_path / "checkpoints")] == ["round-0002", "round-0003"]
+    shutil.rmtree(tmp_path / "checkpoints" / "round-0003")  # the ServerApp died before this checkpoint
+    for k in range(3):
+        lost = state_dir(tmp_path / f"node-{k}", "run", k) / "kept-r3.safetensors"
+        save_file({n: t * 7 + 1 for n, t in load_file(lost).items()}, str(lost))  # a B that round 3 must not start from
+    exp, setup = _experiment(tiny_llama, "fedsa", (2, 2, 2), ["federation.rounds=3"])
+    rest, _, _ = _flower(exp, setup, tmp_path, monkeypatch, resume_from=tmp_path / "checkpoints" / "round-0002", recorded=whole[:3])
+    assert [r["round"] for r in rest] == [3]
+    again, first = rest[0], whole[3]
+    assert again["eval"] == first["eval"] and again["weights"] == first["weights"]
+    assert [c["train_loss"] for c in again["clients"]] == [c["train_loss"] for c in first["clients"]]
