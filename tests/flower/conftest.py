@@ -43,15 +43,9 @@ def dense_file(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoints/round-<t>-delta.safetensors file, densified per layer."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
-    out: dict[str, torch.Tensor] = {}
-    for key in tensors:
-        layer = key.rsplit("/", 2)[0]
-        if key.endswith("/B"):
-            out[layer] = out.get(layer, 0) + tensors[key].double() @ tensors[key[:-1] + "A"].double()
-        elif key.endswith("/W"):
-            out[layer] = out.get(layer, 0) + tensors[key].double()
-    return out
+    from fedlora.ops.delta_tensors import tensors_to_delta
+
+    return dense(tensors_to_delta(load_file(path)))
 
 
 def rel_err_layers(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedlora.ops.lowrank import LowRank, compress, frob_norm, frob_norm_gram, lowrank_svd, pad, stack, truncate
@@ -66,3 +67,22 @@ def test_data_weights_nonnegative_and_sum_to_one():
     assert all(x >= 0 for x in w) and abs(sum(w) - 1) < 1e-15
     assert w == [3 / 20, 0.0, 7 / 20, 10 / 20]
     assert data_weights([0, 0]) == [0.5, 0.5]
+
+
+def test_a_delta_survives_its_flat_tensor_form_bit_for_bit():
+    from fedlora.ops.delta_tensors import delta_to_tensors, tensors_to_delta
+    from fedlora.ops.lowrank import Dense, LowRank
+
+    g = torch.Generator().manual_seed(0)
+    delta = {"a.q": [LowRank(torch.randn(4, 2, generator=g), torch.randn(2, 3, generator=g)), Dense(torch.randn(4, 3, generator=g))],
+             "b.v": [LowRank(torch.randn(2, 1, generator=g), torch.randn(1, 3, generator=g))]}
+    for prefix in ("", "merges"):
+        flat = delta_to_tensors(delta, prefix)
+        assert all(k.startswith(f"{prefix}/" if prefix else "") for k in flat)
+        back = tensors_to_delta({**flat, "other/x/0/W": torch.ones(1, 1)} if prefix else flat, prefix)
+        assert back.keys() == delta.keys()
+        for n, terms in delta.items():
+            assert [type(t) for t in back[n]] == [type(t) for t in terms]
+            assert all(all(x.equal(y) for x, y in zip(t.tensors(), u.tensors())) for t, u in zip(terms, back[n]))
+    with pytest.raises(ValueError, match="incomplete"):
+        tensors_to_delta({"a/0/B": torch.ones(2, 1)})

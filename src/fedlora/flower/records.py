@@ -35,7 +35,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.methods.base import BaseUpdate, ClientPlan, ClientUpdate, Delta, Factors, complete_factors
-from fedlora.ops.lowrank import Dense, LowRank
+from fedlora.ops.delta_tensors import delta_to_tensors, tensors_to_delta
 
 RAW = "fedlora.raw-le"
 """Array.stype of a tensor's raw little-endian bytes (dtype and shape in the Array fields)."""
@@ -133,29 +133,15 @@ def _get_head(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _put_delta(prefix: str, delta: Delta, arrays: ArrayRecord, wire: torch.dtype) -> None:
-    for layer, terms in delta.items():
-        for j, term in enumerate(terms):
-            if isinstance(term, Dense):
-                arrays[f"{prefix}/{layer}/{j}/W"] = to_array(term.W, wire)
-            else:
-                arrays[f"{prefix}/{layer}/{j}/B"] = to_array(term.B, wire)
-                arrays[f"{prefix}/{layer}/{j}/A"] = to_array(term.A, wire)
+    for key, t in delta_to_tensors(delta, prefix).items():
+        arrays[key] = to_array(t, wire)
 
 
 def _get_delta(tensors: Mapping[str, torch.Tensor], prefix: str) -> Delta:
-    """``<prefix>/<layer>/<j>/B|A`` (or ``/W``) → {layer: [term_0, term_1, …]} (layers in key order)."""
-    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, t in tensors.items():
-        if not key.startswith(prefix + "/"):
-            continue
-        layer, j, which = key[len(prefix) + 1 :].rsplit("/", 2)
-        found.setdefault(layer, {}).setdefault(int(j), {})[which] = t
-    delta: Delta = {}
-    for layer, terms in found.items():
-        if sorted(terms) != list(range(len(terms))) or any(set(t) not in ({"A", "B"}, {"W"}) for t in terms.values()):
-            raise WireError(f"{prefix}/{layer}: incomplete low-rank terms {sorted(terms)}")
-        delta[layer] = [Dense(t["W"]) if "W" in t else LowRank(t["B"], t["A"]) for t in (terms[j] for j in range(len(terms)))]
-    return delta
+    try:
+        return tensors_to_delta(tensors, prefix)
+    except ValueError as e:
+        raise WireError(str(e)) from None
 
 
 def _get_factors(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -35,7 +35,7 @@ from fedlora.flower.client_app import RUN
 from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
 from fedlora.methods.base import Delta
-from fedlora.ops.lowrank import Dense
+from fedlora.ops.delta_tensors import delta_to_tensors
 
 __all__ = ["FedLoraStrategy", "RoundFailed"]
 
@@ -207,13 +207,8 @@ class FedLoraStrategy(Strategy):
 
 
 def save_delta(delta: Delta, path: Path) -> None:
-    """G_t − W_0 as its terms: ``<layer>/<j>/B|A`` (or ``/W`` for a dense one) in one safetensors file."""
+    """G_t − W_0 as its terms (``ops.delta_tensors``: ``<layer>/<j>/B|A``, or ``/W``) in one safetensors file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for layer, terms in delta.items():
-        for j, t in enumerate(terms):
-            for key, x in zip("W" if isinstance(t, Dense) else "BA", t.tensors()):
-                tensors[f"{layer}/{j}/{key}"] = x.detach().contiguous().clone()
-    save_file(tensors, str(path))
+    save_file({k: t.detach().contiguous().clone() for k, t in delta_to_tensors(delta).items()}, str(path))
