@@ -73,3 +73,17 @@ def test_flora_partial_participation_in_the_loop(tiny_llama):
     records = _run(exp)
     assert all(len(r["clients"]) == 2 for r in records[1:])
     assert all(r["agg_noise"] < 1e-6 and r["init_noise"] < 1e-6 for r in records[1:])
+
+
+def test_adalora_is_a_trainer_variant_whose_pruned_uploads_the_server_takes(tiny_llama):
+    """lora.adapter=adalora changes the trainer only: the uploads come back pruned, no reply is rejected."""
+    from fedlora.train.adalora import AdaLoraTrainer
+
+    exp = _experiment(tiny_llama, "flora", (4, 4, 4))
+    exp.trainer = AdaLoraTrainer(exp.host, exp.cfg.train, TARGETS, 0, torch.device("cpu"), 0, target=0.5)
+    records = _run(exp)
+    planned = 4 * len(exp.method.setup.layers)
+    for r in records[1:]:
+        assert r["rejected"] == [] and len(r["clients"]) == 3
+        assert all(0 < c["local_rank_sum"] < planned for c in r["clients"])  # pruned towards half of r_k
+        assert r["agg_noise"] < 1e-6  # FLoRA's stack of the pruned factors is still exact

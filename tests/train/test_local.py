@@ -8,6 +8,7 @@ from fedlora.methods import Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import target_layer_shapes
 from fedlora.ops.weights import data_weights
+from fedlora.train.adalora import AdaLoraTrainer
 from fedlora.train.evaluate import heldout_loss
 
 from tests.conftest import rel_err
@@ -161,7 +162,7 @@ def test_adalora_training_reduces_the_rank(tiny_llama, gen):
     shapes = target_layer_shapes(tiny_llama, TARGETS)
     host = AdapterHost(tiny_llama, list(shapes))
     cfg = TrainCfg(local_steps=4, batch_size=4, micro_batch_size=4, lr=1e-2)
-    trainer = LocalTrainer(host, cfg, TARGETS, 0, torch.device("cpu"), 0, adalora_target=0.5)
+    trainer = AdaLoraTrainer(host, cfg, TARGETS, 0, torch.device("cpu"), 0, target=0.5)
     m = build_method("flora", Setup(shapes, {0: 4}, {0: 2.0}))
     update, stats = trainer.fit(m.plan(0, 1), _examples(16, gen))
     total = sum(f.rank for f in update.factors.values())

@@ -16,6 +16,7 @@ from fedlora.data import DataError, TokenizeStats, label_names_of, load_examples
 from fedlora.methods import Method, Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import head_modules, load_causal_lm, load_classifier, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
+from fedlora.train.adalora import AdaLoraTrainer
 from fedlora.train.local import LocalTrainer
 from fedlora.train.tasks import CausalLM, Classification
 
@@ -113,11 +114,11 @@ def prepare(cfg: Config) -> Experiment:
     if cfg.model.task == "classification":
         info["labels"] = labels
     host = AdapterHost(model, list(shapes), head_modules=heads)
-    trainer = LocalTrainer(
-        host, cfg.train, cfg.lora.target_modules, tokenizer.pad_token_id, device, cfg.seed, cfg.lora.dropout,
-        adalora_target=cfg.lora.adalora_target if cfg.lora.adapter == "adalora" else None, adalora_orth_reg=cfg.lora.adalora_orth_reg,
-        task=task,
-    )
+    args = (host, cfg.train, cfg.lora.target_modules, tokenizer.pad_token_id, device, cfg.seed, cfg.lora.dropout)
+    if cfg.lora.adapter == "adalora":
+        trainer: LocalTrainer = AdaLoraTrainer(*args, task=task, target=cfg.lora.adalora_target, orth_reg=cfg.lora.adalora_orth_reg)
+    else:
+        trainer = LocalTrainer(*args, task=task)
     log.info("model %s on %s (%s); %d examples over %d clients", model_dir, device, dtype, len(tokenized), len(clients))
     return Experiment(cfg, model_dir, device, host, tokenizer, clients, global_test, method, trainer, info)
 

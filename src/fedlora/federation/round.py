@@ -38,9 +38,9 @@ class Arrival:
     extras: dict[str, Any] = field(default_factory=dict)  # the transport's additions to the client's row
 
 
-def bounds_of(method: Method, max_norm: float, adalora: bool = False) -> Bounds:
-    """What the server accepts from a client of this method."""
-    min_rank = 0 if adalora else method.min_upload_rank
+def bounds_of(method: Method, max_norm: float, shrinks_rank: bool = False) -> Bounds:
+    """What the server accepts from a client of this method (``shrinks_rank``: the local adapter prunes, e.g. AdaLoRA)."""
+    min_rank = 0 if shrinks_rank else method.min_upload_rank
     return Bounds(method.setup.layers, max_norm, min_rank=min_rank, modules=method.modules)
 
 
@@ -93,7 +93,7 @@ class ServerRound:
         self.rows.append({
             "id": a.plan.client, "rank": a.plan.rank, "num_examples": u.num_examples, "train_loss": u.train_loss,
             "bytes_up": 0 if self.silent else update_nbytes(u, a.plan.upload), "bytes_down": 0 if self.silent else plan_nbytes(a.sent),
-            "init_noise": init, "local_rank_sum": sum(f.rank for f in u.factors.values()),  # Σ over layers; AdaLoRA prunes it
+            "init_noise": init, "local_rank_sum": sum(f.rank for f in u.factors.values()),  # Σ over layers; pruning shrinks it
             **a.extras,
         })
         self.heads.append(u.head)

@@ -52,7 +52,7 @@ class Server:
         self.method = exp.method
         self.heads = Heads(exp.host.initial_head(), [c.id for c in exp.clients], exp.method.personal)
         cfg = exp.cfg
-        self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, adalora=cfg.lora.adapter == "adalora")
+        self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, shrinks_rank=exp.trainer.shrinks_rank)
         self.kept: dict[int, Kept] = {}
         """What each client keeps (``Method.keeps``) when the clients run in this process; over Flower it stays on the nodes."""
 

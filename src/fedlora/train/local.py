@@ -11,7 +11,7 @@ import torch
 from fedlora.config import TrainCfg
 from fedlora.data.batching import length_grouped_batches
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
-from fedlora.model.adapters import AdaLoraSpec, AdapterHost, orthogonal_penalty, read_factors
+from fedlora.model.adapters import AdaLoraSpec, AdapterHost, read_factors
 from fedlora.ops.lowrank import seeded_generator
 from fedlora.train.tasks import CausalLM, Task
 
@@ -32,23 +32,33 @@ class FitStats:
 
 
 class LocalTrainer:
-    """Trains one client's plan on the shared base model."""
+    """Trains one client's plan on the shared base model.
+
+    A variant of the local adapter (``train/adalora.py``) overrides the three hooks below; the
+    loop itself is the same for every adapter.
+    """
+
+    shrinks_rank = False
+    """Whether an upload may come back at a lower rank than the plan's (AdaLoRA prunes while it trains)."""
 
     def __init__(
         self, host: AdapterHost, cfg: TrainCfg, target_modules: list[str], pad_id: int, device: torch.device, seed: int,
-        dropout: float = 0.0, adalora_target: float | None = None, adalora_orth_reg: float = 0.5, task: Task | None = None,
+        dropout: float = 0.0, task: Task | None = None,
     ) -> None:
         self.task = task or CausalLM()
         self.host, self.cfg, self.target_modules = host, cfg, target_modules
         self.pad_id, self.device, self.seed, self.dropout = pad_id, device, seed, dropout
-        self.adalora_target, self.adalora_orth_reg = adalora_target, adalora_orth_reg  # None: plain LoRA
 
-    def _adalora(self, rank: int) -> AdaLoraSpec | None:
-        """AdaLoRA prunes a client's rank r towards ⌈target·r⌉ on average within its local steps."""
-        if self.adalora_target is None:
-            return None
-        target_r = max(1, math.ceil(self.adalora_target * rank))
-        return AdaLoraSpec(target_r=target_r, total_step=self.cfg.local_steps, tfinal=1, orth_reg_weight=self.adalora_orth_reg)
+    def adapter_spec(self, plan: ClientPlan) -> AdaLoraSpec | None:
+        """The PEFT adapter kind for this plan: None is plain LoRA."""
+        return None
+
+    def extra_penalty(self, peft_model: torch.nn.Module) -> torch.Tensor | None:
+        """A training penalty of the adapter kind itself (None: none)."""
+        return None
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """After each optimizer step, before the gradients are cleared."""
 
     def fit(
         self, plan: ClientPlan, train: Sequence[Any],
@@ -61,14 +71,14 @@ class LocalTrainer:
         try:
             with self.host.adapter(
                 plan.rank, plan.scale, self.target_modules, init=plan.init, train_A=plan.train_A, train_B=plan.train_B, seed=run_seed,
-                dropout=self.dropout, rank_pattern=plan.rank_pattern, adalora=self._adalora(plan.rank),
+                dropout=self.dropout, rank_pattern=plan.rank_pattern, adalora=self.adapter_spec(plan),
             ) as peft_model, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(run_seed)  # dropout draws are a function of (seed, round, client)
                 if plan.head:
                     self.host.set_head(plan.head, trainable=True)
                 penalties = [lambda: regularizer(self.host.live_factors(peft_model))] if regularizer else []
-                if self.adalora_target is not None:
-                    penalties.append(lambda: orthogonal_penalty(peft_model, self.adalora_orth_reg))
+                if self.extra_penalty(peft_model) is not None:
+                    penalties.append(lambda: self.extra_penalty(peft_model))
                 penalty = (lambda: sum(p() for p in penalties)) if penalties else None
                 stats = self._loop(peft_model, train, run_seed, on_step, penalty)
                 factors = read_factors(self.host.lora_layers(peft_model), plan.scale)
@@ -103,8 +113,7 @@ class LocalTrainer:
                 penalty().backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            if self.adalora_target is not None:  # importance scores need the gradients: before zero_grad
-                model.base_model.update_and_allocate(step)
+            self.after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / max(n_answer, 1))
             if on_step:
