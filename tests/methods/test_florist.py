@@ -9,7 +9,7 @@ import torch
 
 from fedlora.federation.round import Arrival, bounds_of, finish_round, start_of
 from fedlora.methods import Setup
-from fedlora.methods.base import ClientUpdate, Factors, plan_nbytes
+from fedlora.methods.base import plan_nbytes
 from fedlora.methods.flora import FLoRA
 from fedlora.methods.florist import FLoRIST, energy_rank
 from fedlora.ops.lowrank import LowRank

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fedlora.ops.lowrank import LowRank, Term
+from fedlora.ops.lowrank import LowRank, Term, kaiming_A, seeded_generator
 
 LayerShapes = Mapping[str, tuple[int, int]]
 """Adapted layer name (base-model module path) → (d_out, d_in)."""
@@ -211,6 +211,12 @@ def client_regularizer(method: Method, plan: ClientPlan) -> Regularizer | None:
 
 def client_finish(method: Method, plan: ClientPlan, update: ClientUpdate) -> ClientUpdate:
     return method.client_finish(plan, update)
+
+
+def fresh_factors(layers: LayerShapes, rank: int, seed: int, dtype: torch.dtype) -> dict[str, Factors]:
+    """PEFT's fresh LoRA per layer: B = 0, A Kaiming-uniform from the run seed (the same on every process)."""
+    gen = seeded_generator(seed, 0)
+    return {name: Factors(B=torch.zeros(d_out, rank, dtype=dtype), A=kaiming_A(rank, d_in, gen, dtype)) for name, (d_out, d_in) in layers.items()}
 
 
 def plan_for_layers(setup: Setup, client: int) -> tuple[int, dict[str, int]]:

@@ -6,12 +6,11 @@ as a client would; nothing is communicated. The global model is W_0 + s·BA.
 
 from __future__ import annotations
 
-import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.ops.lowrank import LowRank
 
 
 class Centralized(Method):
@@ -29,11 +28,7 @@ class Centralized(Method):
         self.setup = setup
         self.rank = max(setup.ranks.values())
         self.scale = next(iter(setup.scales.values()))
-        gen = seeded_generator(setup.seed, 0)
-        self.factors = {
-            n: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
-            for n, (d_out, d_in) in setup.layers.items()
-        }
+        self.factors = fresh_factors(setup.layers, self.rank, setup.seed, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}

@@ -28,3 +28,14 @@ def one_scale(method: str, setup: Setup) -> float:
     if len(scales) != 1:
         raise MethodError(f"federation.method: {method!r} needs one lora.scale for every client, got {scales} (accepted: one lora.scale)")
     return scales[0]
+
+
+def start_one_rank(method, setup: Setup) -> dict:
+    """The start of a one-rank method's ``__init__``: its options read, ``setup``, ``rank``, ``scale``, ``uniform`` set."""
+    from fedlora.methods.options import read_options
+
+    opts = read_options(method.name, method.options, setup.options)
+    method.setup = setup
+    method.rank, method.scale = one_rank(method.name, setup), one_scale(method.name, setup)
+    method.uniform = opts.get("weights") == "uniform"
+    return opts

@@ -17,13 +17,12 @@ for FedIT here.
 
 from __future__ import annotations
 
-import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
-from fedlora.methods.checks import one_rank, one_scale
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import WEIGHTS, read_options
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator, smallest_form, stack
+from fedlora.methods.options import WEIGHTS
+from fedlora.ops.lowrank import LowRank, smallest_form, stack
 from fedlora.ops.weights import normalised
 
 
@@ -35,15 +34,8 @@ class FedEx(Method):
     state_keys = ("factors", "merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
 
     def __init__(self, setup: Setup) -> None:
-        opts = read_options(self.name, self.options, setup.options)
-        self.setup = setup
-        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
-        self.uniform = opts["weights"] == "uniform"
-        gen = seeded_generator(setup.seed, 0)
-        self.factors: dict[str, Factors] = {
-            name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
-            for name, (d_out, d_in) in setup.layers.items()
-        }
+        start_one_rank(self, setup)
+        self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.rank, setup.seed, setup.dtype)
         self.merged = MergedBase(setup.layers, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:

@@ -7,13 +7,11 @@ rank and one scale for every client.
 
 from __future__ import annotations
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.ops.lowrank import LowRank
 from fedlora.methods.checks import one_rank, one_scale
 from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import read_options
-
-import torch
 
 
 class FedIT(Folds):
@@ -27,11 +25,7 @@ class FedIT(Folds):
         read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
-        gen = seeded_generator(setup.seed, 0)
-        self.factors: dict[str, Factors] = {
-            name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
-            for name, (d_out, d_in) in setup.layers.items()
-        }
+        self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.rank, setup.seed, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}

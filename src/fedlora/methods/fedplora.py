@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.ops.lowrank import LowRank, seeded_generator
 from fedlora.ops.weights import normalised
 from fedlora.methods.similarity import module_similarity
 
@@ -70,11 +70,7 @@ class FedPLoRA(Method):
         self.scale = scales[0]
         self.random = opts["selection"] == "random"
         self.uniform = opts["weights"] == "uniform"
-        gen = seeded_generator(setup.seed, 0)  # round 0: PEFT init for all R modules
-        self.factors: dict[str, Factors] = {
-            name: Factors(B=torch.zeros(d_out, self.R, dtype=setup.dtype), A=kaiming_A(self.R, d_in, gen, setup.dtype))
-            for name, (d_out, d_in) in setup.layers.items()
-        }
+        self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.R, setup.seed, setup.dtype)  # round 0: PEFT init for all R modules
         """Per layer (B_g: d_out × R, A_g: R × d_in); module j is (B_g[:, j], A_g[j])."""
 
     def indices(self, client: int, round: int) -> torch.Tensor:

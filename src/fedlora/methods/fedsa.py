@@ -20,9 +20,9 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Kept, Setup
-from fedlora.methods.checks import one_rank, one_scale
+from fedlora.methods.checks import start_one_rank
 from fedlora.methods.folding import Folds, Sum, add_weighted
-from fedlora.methods.options import WEIGHTS, read_options
+from fedlora.methods.options import WEIGHTS
 from fedlora.ops.lowrank import kaiming_A, seeded_generator
 
 A_KEY = "A_bar:"  # + layer name: the shared factor in the plan's meta (init is built on the client)
@@ -38,10 +38,7 @@ class FedSA(Folds):
     keeps = True  # B_k stays on the client
 
     def __init__(self, setup: Setup) -> None:
-        opts = read_options(self.name, self.options, setup.options)
-        self.setup = setup
-        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
-        self.uniform = opts["weights"] == "uniform"
+        start_one_rank(self, setup)
         gen = seeded_generator(setup.seed, 0)
         self.A: dict[str, torch.Tensor] = {name: kaiming_A(self.rank, d_in, gen, setup.dtype) for name, (_, d_in) in setup.layers.items()}
 

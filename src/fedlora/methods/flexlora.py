@@ -31,7 +31,7 @@ import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
 from fedlora.methods.errors import MethodError
-from fedlora.methods.options import Option, read_options, WEIGHTS
+from fedlora.methods.options import read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
 from fedlora.ops.weights import normalised
 

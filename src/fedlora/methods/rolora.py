@@ -14,13 +14,12 @@ Each direction sends one factor: up r·d_out (B rounds) or r·d_in (A rounds); d
 
 from __future__ import annotations
 
-import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup
-from fedlora.methods.checks import one_rank, one_scale
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.checks import start_one_rank
 from fedlora.methods.folding import Folds, Sum, add_weighted
-from fedlora.methods.options import WEIGHTS, read_options
-from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
+from fedlora.methods.options import WEIGHTS
+from fedlora.ops.lowrank import LowRank
 
 
 def trains_B(round: int) -> bool:
@@ -36,15 +35,8 @@ class RoLoRA(Folds):
     state_keys = ("factors",)
 
     def __init__(self, setup: Setup) -> None:
-        opts = read_options(self.name, self.options, setup.options)
-        self.setup = setup
-        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
-        self.uniform = opts["weights"] == "uniform"
-        gen = seeded_generator(setup.seed, 0)
-        self.factors: dict[str, Factors] = {
-            name: Factors(B=torch.zeros(d_out, self.rank, dtype=setup.dtype), A=kaiming_A(self.rank, d_in, gen, setup.dtype))
-            for name, (d_out, d_in) in setup.layers.items()
-        }
+        start_one_rank(self, setup)
+        self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.rank, setup.seed, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:
         b_round = trains_B(round)

@@ -22,7 +22,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import Option, read_options, WEIGHTS
+from fedlora.methods.options import read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, smallest_form
 
 
