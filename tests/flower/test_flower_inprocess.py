@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.app import checkpoint
 from fedlora.config import load_config, packaged_config, to_yaml
-from fedlora.data.formatting import ClassifiedExample, TokenizedExample
+from fedlora.data.formatting import ClassifiedExample
 from fedlora.flower import client_app, runtime
 from fedlora.flower.roster import Roster
 from fedlora.flower.state import load_kept, state_dir
@@ -34,19 +34,9 @@ from fedlora.sim.federation import Hooks, Simulation
 from fedlora.train.local import LocalTrainer
 from fedlora.train.tasks import Classification
 from tests.flower.conftest import dense
+from tests.sim.test_simulation import _examples  # counting sequences
 
 TARGETS = ["q_proj", "v_proj"]
-
-
-def _examples(n, seed):
-    """Counting sequences, as in tests/sim/test_simulation.py."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        start = int(torch.randint(3, 64, (1,), generator=gen))
-        ids = [3 + (start + j) % 61 for j in range(6 + i % 4)]
-        out.append(TokenizedExample(input_ids=ids, labels=[-100] * 3 + ids[3:]))
-    return out
 
 
 def _labelled(n, seed):
