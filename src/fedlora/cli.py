@@ -31,8 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.evaluation.runs import RunFolderError
     from fedlora.model.assets import AssetError
     from fedlora.federation.round import RoundFailed
+    from fedlora.app.checkpoint import CheckpointError
 
-    return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError, RoundFailed)
+    return (*USER_ERRORS, DataError, MethodError, AssetError, RunFolderError, RoundFailed, CheckpointError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

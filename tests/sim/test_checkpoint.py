@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -44,3 +45,76 @@ def test_rounds_after_a_checkpoint_equal_the_uninterrupted_run(tiny_llama, tmp_p
     assert sim.server.kept.keys() == resumed.server.kept.keys() and (not sim.exp.method.keeps or sim.server.kept)
     for k, own in sim.server.kept.items():  # what each client keeps (FedSA-LoRA's B), bit for bit
         assert own.keys() == resumed.server.kept[k].keys() and all(own[n].equal(resumed.server.kept[k][n]) for n in own)
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+def _flip_last_byte(p):  # inside the tensor data: only the checksum can tell
+    b = bytearray(p.read_bytes())
+    b[-3] ^= 0x40
+    p.write_bytes(bytes(b))
+
+
+def _zero_header(p):
+    b = bytearray(p.read_bytes())
+    b[:8] = bytes(8)
+    p.write_bytes(bytes(b))
+
+
+DAMAGE = {
+    "tensors truncated": ("state.safetensors", _truncate),
+    "a tensor byte flipped": ("state.safetensors", _flip_last_byte),
+    "header zeroed": ("state.safetensors", _zero_header),
+    "tensors missing": ("state.safetensors", lambda p: p.unlink()),
+    "json truncated": ("state.json", _truncate),
+    "json empty": ("state.json", lambda p: p.write_text("")),
+}
+
+
+def _run_folder(tiny_llama, tmp_path):
+    from fedlora.app.run_dir import RunDir
+
+    exp = _experiment(tiny_llama, "flora", (4, 2, 1))
+    run = RunDir(tmp_path / "run")
+    run.write_config(exp.cfg)
+    checkpoint.run_with_checkpoints(Simulation(exp), run)
+    exp.host.reset_base()
+    return run, exp.cfg
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumes(tiny_llama, tmp_path, kind, caplog):
+    from fedlora.app.run_dir import RunDir
+
+    run, _ = _run_folder(tiny_llama, tmp_path)
+    whole = run.read_metrics()
+    name, hurt = DAMAGE[kind]
+    assert checkpoint.damage(run.checkpoints / "round-0002") is None
+    hurt(run.checkpoints / "round-0002" / name)
+    assert checkpoint.damage(run.checkpoints / "round-0002") is not None
+    resumed = Simulation(_experiment(tiny_llama, "flora", (4, 2, 1)))
+    again = RunDir(run.path, resume=True)
+    with caplog.at_level("WARNING"):
+        checkpoint.run_with_checkpoints(resumed, again, resume_run=True)
+    assert "round-0002 is damaged" in caplog.text
+    assert _entries(again.read_metrics()) == _entries(whole)  # round 2 redone from round 1's checkpoint, bit for bit
+    assert checkpoint.damage(run.checkpoints / "round-0002") is None  # rewritten intact
+
+
+def test_with_no_intact_checkpoint_resume_stops_in_one_line_and_changes_nothing(tiny_llama, tmp_path):
+    from fedlora.app.run_dir import RunDir
+
+    run, _ = _run_folder(tiny_llama, tmp_path)
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    for ck in checkpoint.complete(run.checkpoints):
+        _flip_last_byte(ck / "state.safetensors")
+    damaged = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    with pytest.raises(checkpoint.CheckpointError, match=r"^--resume: no intact checkpoint in .*\(2 damaged\); nothing was changed$"):
+        checkpoint.resume(RunDir(run.path, resume=True), Simulation(_experiment(tiny_llama, "flora", (4, 2, 1))).server)
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == damaged
+    shutil.rmtree(run.checkpoints)  # no checkpoints at all, but rounds recorded: refuse, keep metrics.jsonl
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint, but metrics.jsonl records 3 rounds"):
+        checkpoint.resume(RunDir(run.path, resume=True), Simulation(_experiment(tiny_llama, "flora", (4, 2, 1))).server)
+    assert run.metrics.read_bytes() == before[run.metrics]

@@ -9,10 +9,16 @@ and the model's merged base is rebuilt from the method's state on resume, bit fo
 Both files are written in a temporary folder, fsynced, and the folder is renamed into place,
 so a process killed at any point leaves either the complete checkpoint or none; the newest
 ``round-<t>`` folder is the one to resume from, and only the last ``KEEP`` are kept.
+
+A checkpoint verifies itself: ``state.json`` holds the SHA-256 of ``state.safetensors``. A
+resume checks the newest checkpoint first; a damaged one (a file missing, truncated, or a byte
+changed) is named in one warning line and the one before is used; with none intact the resume
+stops with one line before anything in the run folder changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +40,11 @@ if TYPE_CHECKING:
     from fedlora.sim.federation import Simulation
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """No checkpoint a run can resume from; nothing in the run folder was changed."""
+
 FORMAT = 2
 KEEP = 2
 _NAME = re.compile(r"round-(\d+)")
@@ -83,6 +94,7 @@ def save(folder: Path, server: Server, round: int, lines: int, last: dict[str, A
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
     _fsync(tmp / "state.safetensors")
+    meta["sha256"] = sha256(tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(meta))
     _fsync(tmp / "state.json")
     _fsync(tmp)
@@ -105,27 +117,70 @@ def complete(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint in ``path`` cannot be trusted (one phrase), or None when it is intact."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"state.json unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
+        return f"state.json is not a format-{FORMAT} checkpoint with a checksum"
+    tensors = path / "state.safetensors"
+    if not tensors.is_file():
+        return "state.safetensors missing"
+    if sha256(tensors) != meta["sha256"]:
+        return "state.safetensors does not match its SHA-256"
+    return None
+
+
 def load(path: Path, server: Server, recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Restore a checkpoint into a freshly prepared server; the lines of ``recorded`` (metrics.jsonl) it covers."""
+    if (why := damage(path)) is not None:
+        raise CheckpointError(f"--resume: {path} is damaged: {why}")
     meta = json.loads((path / "state.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
     if meta["method"] != server.method.name:
-        raise ValueError(f"{path}: a checkpoint of method {meta['method']!r}, not {server.method.name!r}")
+        raise CheckpointError(f"--resume: {path} is a checkpoint of method {meta['method']!r}, not {server.method.name!r} (accepted: the run's own method)")
     tensors = load_file(str(path / "state.safetensors"))
     count = int(meta["metrics_lines"])
     done = recorded[:count]
     if len(done) != count or [e.get("round") for e in done] != list(range(count)):
-        raise ValueError(f"{path}: metrics.jsonl holds rounds {[e.get('round') for e in recorded][:20]}, the checkpoint needs rounds 0..{count - 1}")
+        raise CheckpointError(f"--resume: metrics.jsonl holds rounds {[e.get('round') for e in recorded][:20]}, the checkpoint {path.name} needs rounds 0..{count - 1}")
     server.load(unpack(meta["state"], tensors))
     _set_rng_state(tensors, meta["rng"])
     return done
 
 
+def newest_intact(folder: Path) -> Path | None:
+    """The newest checkpoint that passes ``damage``; each damaged newer one is named in a warning."""
+    found = complete(folder)
+    for path in reversed(found):
+        if (why := damage(path)) is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", path, why)
+    if found:
+        raise CheckpointError(f"--resume: no intact checkpoint in {folder} ({len(found)} damaged); nothing was changed")
+    return None
+
+
 def resume(run: RunDir, server: Server) -> list[dict[str, Any]]:
-    """Load the newest complete checkpoint of ``run`` and cut metrics.jsonl back to it; the entries kept."""
-    found = complete(run.checkpoints)
-    done = load(found[-1], server, run.read_metrics() if run.metrics.is_file() else []) if found else []
+    """Load the newest intact checkpoint of ``run`` and cut metrics.jsonl back to it; the entries kept.
+
+    Without any checkpoint a run that recorded nothing starts afresh; one that recorded rounds stops with one line.
+    """
+    recorded = run.read_metrics() if run.metrics.is_file() else []
+    path = newest_intact(run.checkpoints)
+    if path is None and recorded:
+        raise CheckpointError(f"--resume: {run.checkpoints} holds no checkpoint, but metrics.jsonl records {len(recorded)} rounds "
+                              "(accepted: a run folder with its checkpoints/round-*); nothing was changed")
+    done = load(path, server, recorded) if path is not None else []
     run.rewrite_metrics(done)  # lines of rounds after the checkpoint are redone
     log.info("resuming %s after round %s", run.path, done[-1]["round"] if done else "none (no complete checkpoint)")
     return done
