@@ -136,3 +136,26 @@ def test_personal_run_exports_one_client(base, tmp_path, capsys):
     assert e.rank == 2 and e.max_layer_error == 0.0
     got = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "c0"))
     assert rel_err(got, _global_logits(base, delta0)) < 1e-6
+
+
+def test_no_layer_of_an_adapter_is_wider_than_the_layer_and_a_larger_than_dense_one_says_so(base, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from fedlora.model.export import load_adapter_delta, save_adapter
+
+    model = _load(base)
+    shapes = target_layer_shapes(model, TARGETS)
+    host = AdapterHost(model, list(shapes))
+    g = torch.Generator().manual_seed(3)
+    delta = {n: [LowRank(torch.randn(o, 40, generator=g, dtype=torch.float64), torch.randn(40, i, generator=g, dtype=torch.float64))]
+             for n, (o, i) in shapes.items()}  # a stack of rank 40 on layers 32 and 16 wide
+    with caplog.at_level("WARNING"):
+        r = save_adapter(host, delta, TARGETS, tmp_path / "a", str(base))
+    assert r == 32 and "more than the dense update" in caplog.text and "--merged" in caplog.text
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for key, t in saved.items():
+        layer = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        assert max(t.shape[0] if "lora_A" in key else t.shape[1], 0) <= min(shapes[layer]), (key, t.shape)
+    back = load_adapter_delta(host, tmp_path / "a")
+    for n, terms in delta.items():
+        assert rel_err(back[n][0].dense(), terms[0].dense()) < 1e-5  # exact, in float32

@@ -1,8 +1,10 @@
 """The global model's update as a standard PEFT LoRA adapter folder (safetensors), or merged.
 
-Each layer's low-rank terms are compressed exactly (QR + small SVD) to one pair of rank
-≤ min(Σr, d_out, d_in), zero-padded to a common rank, and saved with lora_alpha = r so PEFT's
-scale is 1: `PeftModel.from_pretrained(base, folder)` reproduces W_0 + ΔW_g.
+Each layer's low-rank terms are compressed exactly (QR + small SVD) to one pair of its own rank
+≤ min(Σr, d_out, d_in) — never wider than the layer — saved with PEFT's ``rank_pattern`` where a
+layer's rank is not the adapter's ``r`` and lora_alpha = r so PEFT's scale is 1:
+`PeftModel.from_pretrained(base, folder)` reproduces W_0 + ΔW_g. Where the factors hold more
+numbers than the dense update of those layers, the export says so (``--merged`` is smaller).
 
 Where that exact rank is large (FLoRA stacks Σ r_k ranks per round), ``truncate`` keeps the
 top r singular triplets of every layer, the best rank-r approximation (Eckart–Young), with
@@ -12,6 +14,7 @@ keeps the folder a plain adapter (one ``r`` in adapter_config.json, no rank patt
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,24 +26,34 @@ from fedlora.methods.base import Delta, Factors
 from fedlora.model.adapters import ADAPTER, AdapterHost
 from fedlora.ops.lowrank import LowRank, compress, lowrank_svd, pad
 
+log = logging.getLogger(__name__)
 
-def delta_to_factors(delta: Delta) -> tuple[int, dict[str, Factors]]:
-    """One (B, A) per layer with a shared rank R and B A = Σ terms (float64 math, float32 out)."""
-    pairs = {n: compress([t.to(torch.float64) for t in terms], rtol=1e-12) for n, terms in delta.items() if terms}
-    rank = max(1, max((p.rank for p in pairs.values()), default=1))
+
+def delta_to_factors(delta: Delta) -> dict[str, Factors]:
+    """One (B, A) per layer at that layer's exact rank (≥ 1, ≤ min(d_out, d_in)) with B A = Σ terms (float64 math, float32 out)."""
     out = {}
-    for name, p in pairs.items():
-        B, A = pad(p.B, p.A, rank)
-        out[name] = Factors(B=B.float(), A=A.float())
-    return rank, out
+    for name, terms in delta.items():
+        if terms:
+            p = compress([t.to(torch.float64) for t in terms], rtol=1e-12)
+            B, A = pad(p.B, p.A, 1) if p.rank == 0 else (p.B, p.A)
+            out[name] = Factors(B=B.float(), A=A.float())
+    return out
 
 
 def save_adapter(host: AdapterHost, delta: Delta, target_modules: list[str], folder: Path, base_path: str) -> int:
-    """Write adapter_config.json + adapter_model.safetensors; returns the adapter rank."""
-    rank, factors = delta_to_factors(delta)
-    for name, (d_out, d_in) in _shapes(host).items():
-        factors.setdefault(name, Factors(B=torch.zeros(d_out, rank), A=torch.zeros(rank, d_in)))
-    with host.adapter(rank, 1.0, target_modules, init=factors) as peft_model:
+    """Write adapter_config.json + adapter_model.safetensors; returns the adapter's largest rank (its ``r``)."""
+    factors = delta_to_factors(delta)
+    shapes = _shapes(host)
+    for name, (d_out, d_in) in shapes.items():
+        factors.setdefault(name, Factors(B=torch.zeros(d_out, 1), A=torch.zeros(1, d_in)))
+    rank = max(f.rank for f in factors.values())
+    pattern = {name: f.rank for name, f in factors.items() if f.rank != rank}
+    numbers = sum(f.B.numel() + f.A.numel() for f in factors.values())
+    dense = sum(d_out * d_in for d_out, d_in in shapes.values())
+    if numbers > dense:
+        log.warning("the adapter holds %.1f M numbers, more than the dense update of its layers (%.1f M): `fedlora export --merged` "
+                    "writes W_0 + ΔW instead", numbers / 1e6, dense / 1e6)
+    with host.adapter(rank, 1.0, target_modules, init=factors, rank_pattern=pattern) as peft_model:
         peft_model.peft_config["default"].base_model_name_or_path = base_path
         peft_model.save_pretrained(folder, safe_serialization=True)
     return rank
