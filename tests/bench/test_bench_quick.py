@@ -56,7 +56,7 @@ def test_aggregation_tiny_runs_every_method(tmp_path: Path) -> None:
     assert methods["full"]["layers"] == 1 and methods["flora"]["layers"] == 4
 
 
-@pytest.mark.parametrize("method", ["flora", "zeropad", "fedit", "fedplora"])
+@pytest.mark.parametrize("method", ["flora", "zeropad", "fedit", "fedplora", "fedsa", "fedex", "rolora"])
 def test_floor_computes_what_the_method_aggregates(method: str) -> None:
     """The bare-torch floor yields the method's own aggregate (stack or weighted mean), so the ratio compares equal work."""
     agg = _load("aggregation")
@@ -64,7 +64,7 @@ def test_floor_computes_what_the_method_aggregates(method: str) -> None:
     from fedlora.ops.weights import data_weights
 
     layers = agg.layer_shapes(1, 24)
-    ranks = [agg.HOMOGENEOUS] * 10 if method == "fedit" else list(agg.RANKS)
+    ranks = [agg.HOMOGENEOUS] * 10 if agg.KIND[method][0] == "homo" else list(agg.RANKS)
     updates = agg.make_updates({n: s for n, s in layers.items()}, [min(r, 24) for r in ranks])
     setup = Setup(layers, {u.client: u.factors[next(iter(layers))].rank for u in updates}, {k: agg.SCALE for k in range(10)})
     m = build_method(method, setup)
@@ -76,13 +76,20 @@ def test_floor_computes_what_the_method_aggregates(method: str) -> None:
     floor = agg.floor_fn(agg.KIND[method][1], updates, weights, method)()
     m.aggregate(updates, weights, 1)
     for name in layers:
-        B, A = floor[name]
+        B, A = floor[name] if method != "fedex" else (None, None)
         if method == "flora":
             (merged,) = m.global_delta()[name]
             torch.testing.assert_close(B @ A, merged.dense())  # held dense on this 24-wide layer: the smaller form
         elif method == "zeropad":
             (merged,) = m.global_delta()[name]
             torch.testing.assert_close((B * agg.SCALE) @ A, merged.dense())  # zero-padding folds s_k into B
+        elif method == "fedsa":
+            torch.testing.assert_close(A, m.A[name])  # Σ p_k A_k only
+        elif method == "rolora":
+            torch.testing.assert_close(B, m.factors[name].B)  # round 1 averages B
+        elif method == "fedex":  # the K centred pairs: their sum is the residual merged into the base
+            (_, residual), = m.merged.recent[name]
+            torch.testing.assert_close(sum(b @ a for b, a in floor[name]), residual.dense())
         else:  # fedit, and fedplora on every module some client trained (all of them here)
             torch.testing.assert_close(B, m.factors[name].B)
             torch.testing.assert_close(A, m.factors[name].A)
