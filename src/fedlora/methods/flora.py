@@ -14,11 +14,13 @@ low-rank and dense forms is smaller (``smallest_form``: dense once Σr_k (d_out 
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
+from fedlora.ops.lowrank import LowRank, smallest_form, within_layer_rank
 
 
 class FLoRA(Folds):
@@ -46,23 +48,36 @@ class FLoRA(Folds):
         return Sum(round, {name: [] for name in self.setup.layers})
 
     def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Append (B_k, s_k w_k c A_k) to each layer's stack; a stack past twice its layer's rank is compressed."""
+        """Note (B_k, A_k, s_k w_k c) per layer, the upload itself (no copy); a stack past twice its layer's rank is compressed."""
         w = 1.0 if self.uniform else float(weight)
         acc.add(u.client, w)
         for name, (d_out, d_in) in self.setup.layers.items():
             f, pending = u.factors[name], acc.layers[name]
-            pending.append(LowRank(f.B, f.A * (u.scale * w * self.scaling)))  # (d_out×r_k), (r_k×d_in)
-            if sum(t.rank for t in pending) > 2 * min(d_out, d_in):
-                acc.layers[name] = [within_layer_rank(stack(pending))]
+            pending.append((f.B, f.A, u.scale * w * self.scaling))  # (d_out×r_k), (r_k×d_in), its coefficient
+            if sum(B.shape[1] for B, _, _ in pending) > 2 * min(d_out, d_in):
+                t = within_layer_rank(stacked(pending, 1.0))
+                acc.layers[name] = [(t.B, t.A, 1.0)]
 
     def commit(self, acc: Sum) -> None:
         """Merge Σ_k w_k s_k c B_k A_k / Σ_k w_k, one stack (d_out × Σr_k)(Σr_k × d_in) per layer."""
         norm = acc.norm()
-        merged = {}
-        for name, pending in acc.layers.items():
-            t = stack(pending)  # wider than its layer: the dense matrix is smaller, no SVD needed here
-            merged[name] = smallest_form(t if norm == 1.0 else LowRank(t.B, t.A * norm))
+        merged = {name: smallest_form(stacked(pending, norm)) for name, pending in acc.layers.items()}  # no SVD: the dense form is smaller once wider
         self.merged.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:
         return self.merged.delta()
+
+
+def stacked(pending: list[tuple[torch.Tensor, torch.Tensor, float]], norm: float) -> LowRank:
+    """[B_1 … B_K], [c_1 n A_1; …; c_K n A_K] written once into their final tensors (one pass over each upload)."""
+    B0, A0, _ = pending[0]
+    total = sum(B.shape[1] for B, _, _ in pending)
+    B_out = torch.empty(B0.shape[0], total, dtype=B0.dtype)
+    A_out = torch.empty(total, A0.shape[1], dtype=A0.dtype)
+    i = 0
+    for B, A, c in pending:
+        r = B.shape[1]
+        B_out[:, i : i + r].copy_(B)
+        torch.mul(A, c * norm, out=A_out[i : i + r])
+        i += r
+    return LowRank(B_out, A_out)

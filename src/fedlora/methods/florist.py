@@ -3,7 +3,7 @@ arXiv 2506.09199).
 
 The round's stack B_stack A_stack = Σ_k p_k s_k B_k A_k is built as FLoRA builds it; its thin
 SVD U S Vᵀ comes from the stacked factors (QR of each, SVD of the Σr × Σr core: never the dense
-matrix), and per layer the smallest rank p whose singular values hold a fraction τ of the
+matrix; in the state's dtype, float32 or better, as FlexLoRA's), and per layer the smallest rank p whose singular values hold a fraction τ of the
 energy Σσ² is kept (option ``energy``):
 
     p = min { p : Σ_{i≤p} σ_i² ≥ τ Σ_i σ_i² },    merge = (U_p S_p)(V_pᵀ).
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from fedlora.methods.base import ClientUpdate, Setup
-from fedlora.methods.flora import FLoRA
+from fedlora.methods.flora import FLoRA, stacked
 from fedlora.methods.folding import Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import WEIGHTS, Option, read_options
-from fedlora.ops.lowrank import LowRank, lowrank_svd, smallest_form, stack
+from fedlora.ops.lowrank import LowRank, lowrank_svd, smallest_form
 
 DEFAULT_ENERGY = 0.95
 
@@ -61,12 +61,13 @@ class FLoRIST(FLoRA):
         self.last: dict[str, Any] = {}
 
     def commit(self, acc: Sum) -> None:
-        """Truncate each layer's stack to its energy rank p (float64 SVD), merge the rank-p pair."""
+        """Truncate each layer's stack to its energy rank p (SVD in the state's dtype, float32 or better), merge the rank-p pair."""
         norm = acc.norm()
         merged, ranks, kept_sq, total_sq = {}, {}, 0.0, 0.0
+        work = torch.promote_types(self.setup.dtype, torch.float32)
         for name, pending in acc.layers.items():
-            t = stack(pending)
-            u, sv, vh = lowrank_svd([LowRank(t.B.double(), t.A.double() * norm)])
+            t = stacked(pending, norm)
+            u, sv, vh = lowrank_svd([t.to(work)])
             p = energy_rank(sv, self.energy)
             ranks[name] = p
             kept_sq += float((sv[:p].double() ** 2).sum())
