@@ -32,6 +32,14 @@ CASES = [
     (["lora.rank=20"], ["lora.ranks", "rank 20", "accepted: 1..16"]),  # v_proj of the tiny model is 16×32
     (["data.max_examples=2"], ["federation.num_clients", "3 clients", "accepted: "]),  # fewer examples than clients
     (EMPTY_TRAIN, ["data.test_fraction", "0.6", "no training example", "accepted: "]),  # an empty partition
+    # values that would make a run meaningless
+    (["train.lr=inf"], ["train.lr", "finite number", "'inf'"]),
+    (["train.lr=1e30"], ["train.lr", "less than or equal to 1", "'1e30'"]),
+    (["lora.scale=-1"], ["lora.scale", "greater than 0", "-1.0"]),
+    (["lora.scale=0"], ["lora.scale", "greater than 0", "0 trains nothing", "0.0"]),
+    (["lora.scale=.nan"], ["lora.scale", "finite", "nan"]),
+    (["lora.scale=[1,0,2]"], ["lora.scale", "greater than 0", "[1.0, 0.0, 2.0]"]),
+    (["train.max_length=100000"], ["train.max_length", "100000", "context of 256 tokens", "accepted: 8..256"]),
 ]
 
 

@@ -7,6 +7,8 @@ accepted (style.md lesson 5).
 
 from __future__ import annotations
 
+import math
+
 import copy
 from importlib.resources import files
 from pathlib import Path
@@ -49,6 +51,14 @@ class LoraCfg(Section):
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str) and "," in v:
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scale(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(not math.isfinite(x) or x <= 0 for x in values):
+            raise ValueError(f"must be finite and greater than 0 (s = lora_alpha / r; 0 trains nothing), got {v}")
         return v
 
     @field_validator("ranks")
@@ -102,9 +112,9 @@ class TrainCfg(Section):
     local_steps: int = Field(4, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass (gradient accumulation).")
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(2e-4, gt=0, le=1.0, allow_inf_nan=False, description="AdamW learning rate, in (0, 1]: above 1 AdamW's steps overwhelm any LoRA.")
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False, description="Gradient clipping.")
     max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated).")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: the response only).")
 

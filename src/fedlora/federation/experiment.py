@@ -55,6 +55,9 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     found = {n.rsplit(".", 1)[-1] for n in shapes}
     if missing := [m for m in cfg.lora.target_modules if m not in found]:
         raise ConfigError(f"lora.target_modules: {missing} not found in {model_dir.name} (found: {sorted(found)})")
+    context = model_context(model_dir)
+    if context is not None and cfg.train.max_length > context:
+        raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} tokens (accepted: 8..{context})")
     setup = Setup(shapes, dict(enumerate(cfg.client_ranks())), {}, rank_patterns=cfg.client_rank_patterns())
     for key in cfg.lora.rank_patterns:
         if not any(n == key or n.endswith("." + key) for n in shapes):
@@ -65,6 +68,17 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
                 where = "lora.ranks" if r == setup.ranks[k] else "lora.rank_patterns"
                 raise ConfigError(f"{where}: rank {r} exceeds layer {name} ({d_out}×{d_in}) (accepted: 1..{min(d_out, d_in)})")
     return model_dir, shapes
+
+
+def model_context(model_dir: Path) -> int | None:
+    """The model's longest sequence (``max_position_embeddings`` in its config.json), when it says."""
+    import json
+
+    try:
+        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def load_source(cfg: Config) -> list:
