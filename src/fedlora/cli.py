@@ -45,9 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.app.progress import rich_hooks
     from fedlora.app.checkpoint import run_with_checkpoints
     from fedlora.app.final import save_final
-    from fedlora.app.run_dir import RunDir, default_run_dir, resume_config, summarize
+    from fedlora.app.run_dir import RunDir, default_run_dir, finished, lock, resume_config, summarize
     config_path = args.config or packaged_config("default")
     cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
+    if args.resume:
+        held = lock(Path(args.resume))  # noqa: F841 - until this process ends
+        if finished(Path(args.resume), cfg.federation.rounds):
+            log.info("%s is finished (round %d of %d): nothing to resume, nothing changed", args.resume, cfg.federation.rounds, cfg.federation.rounds)
+            return 0
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     exp = prepare(cfg)
@@ -55,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = RunDir(Path(args.resume), resume=True)
     else:
         run = RunDir(Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.federation.method))
+        held = lock(run.path)  # noqa: F841
         run.write_config(cfg)
         run.write_partition(exp.partition_info)
     log.info("run folder: %s", run.path)
@@ -97,9 +103,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Partition the config's source as a run would, print the per-client table, write a heatmap."""
     from fedlora.report.partition import partition_heatmap, partition_table
     from fedlora.federation.experiment import load_source, split_indices
-    from fedlora.app.run_dir import default_run_dir, write_json
+    from fedlora.app.run_dir import default_run_dir, holds_run, write_json
 
     cfg = load_config(args.config or packaged_config("default"), args.overrides)
+    out = Path(cfg.output.dir) if cfg.output.dir else default_run_dir("data")
+    if holds_run(out):
+        raise FileExistsError(f"output.dir: {out} holds a run (config.yaml or metrics.jsonl) (accepted: a new folder, or one `fedlora data` wrote)")
     examples = load_source(cfg)
     categories = [e.category for e in examples]
     info = split_indices(cfg, categories)
@@ -107,7 +116,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     d = cfg.data
     title = f"{d.source} · {d.partition}" + (f" α={d.alpha}" if d.partition in ("dirichlet", "quantity") else "") + f" · {len(parts)} clients"
     Console().print(partition_table(parts, categories, title=title))
-    out = Path(cfg.output.dir) if cfg.output.dir else default_run_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     png = partition_heatmap(parts, categories, out / "partition.png", title)
     for c in info["clients"]:

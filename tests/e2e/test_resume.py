@@ -96,3 +96,44 @@ def test_resume_refuses_a_changed_setting_in_one_line(tmp_path, capfd):
     assert "federation.rounds=7 differs from 2" in err and "only output.* may change" in err
     assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "holds no config.yaml" in capfd.readouterr().err
+
+
+def test_a_run_folder_belongs_to_one_process_and_a_finished_run_resumes_to_nothing(model_dir, tmp_path, capfd):
+    """A second process on a held run folder gets one line; `--resume` of a finished run changes no file;
+    `fedlora data` refuses a run's folder."""
+    import multiprocessing
+
+    from fedlora.app.run_dir import lock
+    from fedlora.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    held = lock(run)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        err = pool.apply(_try_lock, (str(run),))
+    assert err.startswith("output.dir: ") and "in use by another fedlora process" in err
+    held.close()
+
+    done = tmp_path / "done"
+    assert main(run_args(model_dir, "flora", done)) == 0
+    before = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    assert main(["run", "--resume", str(done)]) == 0
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+    capfd.readouterr()
+    assert main(["data", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model_dir}", f"output.dir={done}"]) == 2
+    assert "holds a run" in capfd.readouterr().err
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+
+
+def _try_lock(path):
+    from pathlib import Path
+
+    from fedlora.app.run_dir import lock
+
+    try:
+        lock(Path(path))
+    except Exception as e:  # noqa: BLE001 - the message is what the test reads
+        return str(e)
+    return "locked"

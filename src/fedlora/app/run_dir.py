@@ -39,6 +39,33 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def lock(path: Path) -> Any:
+    """Hold ``path/.lock`` for this process (released when it exits, also when it is killed); one line if another holds it."""
+    import fcntl
+
+    handle = open(path / ".lock", "a")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"output.dir: {path} is in use by another fedlora process (accepted: one process per run folder at a time)") from None
+    return handle
+
+
+def finished(path: Path, rounds: int) -> bool:
+    """Whether the run in ``path`` has its summary and every round's line: a resume has nothing to do."""
+    try:
+        last = json.loads((path / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return False
+    return (path / "summary.json").is_file() and last.get("round") == rounds
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` is the folder of a run (what only that run's own commands may write into)."""
+    return (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
+
+
 class RunDir:
     def __init__(self, path: Path, resume: bool = False) -> None:
         """A new (or empty) folder; with ``resume``, the folder of an earlier run of the same config."""

@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     import torch
 
     from fedlora.app import checkpoint
-    from fedlora.app.run_dir import RunDir, resume_config, summarize
+    from fedlora.app.run_dir import RunDir, lock, resume_config, summarize
     from fedlora.config import build_config, to_yaml
     from fedlora.federation.experiment import prepare
     from fedlora.federation.server import Server
@@ -49,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     if settings.resume:  # the run's own settings; the folder must hold its config
         cfg = resume_config(out, out / "config.yaml", [f"output.dir={out}"])
     run = RunDir(out, resume=settings.resume)  # refuses a folder that already holds files, before any waiting
+    held = lock(out)  # noqa: F841 - one ServerApp per run folder, until this process ends
     roster = Roster(cfg.federation.num_clients)
     log(INFO, "waiting for %d SuperNodes (one per partition)", cfg.federation.num_clients)
     roster.wait_for_all(grid, settings.node_timeout)
