@@ -56,6 +56,11 @@ def test_run_folder_has_every_file_and_key(tiny_run):
 
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["global_loss"]["after"] < summary["global_loss"]["before"]
+    from importlib.metadata import version
+
+    assert summary["fedlora_version"] == version("fedlora")
+    if (Path(__file__).resolve().parents[2] / ".git").exists():  # run from a checkout: its HEAD
+        assert len(summary["commit"]) == 40 and int(summary["commit"], 16) >= 0
     assert summary["global_loss"]["before"] == lines[0]["eval"]["global"]["loss"]
     assert summary["bytes_up"] == sum(c["bytes_up"] for m in lines[1:] for c in m["clients"])
 
@@ -116,3 +121,13 @@ def test_data_command_prints_the_split_and_writes_a_heatmap(tmp_path, monkeypatc
     info = json.loads((tmp_path / "split" / "partition.json").read_text())
     assert len(info["clients"]) == 3 and all(len(c["categories"]) == 7 for c in info["clients"])
     assert "client" in out and "pathological" in out
+
+
+def test_version_flag_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    from fedlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedlora {version('fedlora')}"

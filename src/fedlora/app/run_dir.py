@@ -129,7 +129,25 @@ def summarize(metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "padded_fraction": _mean(pads),
         "wall_s": wall_s,
         "peak_rss_mb": peak_rss_mb(),
+        **provenance(),
     }
+
+
+def provenance() -> dict[str, Any]:
+    """The fedlora version that ran, and the git commit of its source tree when it runs from a checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("fedlora")
+    except PackageNotFoundError:
+        ver = None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"fedlora_version": ver, "commit": commit}
 
 
 def _mean(xs: list[Any]) -> float | None:
