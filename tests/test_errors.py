@@ -40,6 +40,7 @@ CASES = [
     (["lora.scale=.nan"], ["lora.scale", "finite", "nan"]),
     (["lora.scale=[1,0,2]"], ["lora.scale", "greater than 0", "[1.0, 0.0, 2.0]"]),
     (["train.max_length=100000"], ["train.max_length", "100000", "context of 256 tokens", "accepted: 8..256"]),
+    (["train.precision=half"], ["train.precision", "'half'", "'float32'", "'bfloat16'", "'auto'"]),
 ]
 
 

@@ -39,8 +39,8 @@ def fedlora(args: list[str], kill_at: str | None = None) -> subprocess.Completed
     return subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def run_args(model_dir: Path, method: str, out: Path) -> list[str]:
-    return ["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model_dir}", f"federation.method={method}", f"output.dir={out}", *FAST]
+def run_args(model_dir: Path, method: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model_dir}", f"federation.method={method}", f"output.dir={out}", *FAST, *extra]
 
 
 def without_wall_times(run: Path) -> list[dict]:
@@ -60,15 +60,16 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert sa[key] == sb[key], key
 
 
-@pytest.mark.parametrize(("method", "kills"), [
-    ("flora", ["mid-checkpoint:1", "mid-round:2"]),
-    ("fedplora", ["after-checkpoint:1"]),
+@pytest.mark.parametrize(("method", "kills", "extra"), [
+    ("flora", ["mid-checkpoint:1", "mid-round:2"], ()),
+    ("fedplora", ["after-checkpoint:1"], ()),
+    ("flora", ["mid-round:2"], ("train.precision=bfloat16",)),
 ])
-def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, kills):
+def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, kills, extra):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert main(run_args(model_dir, method, whole)) == 0  # the uninterrupted reference, in this process
+    assert main(run_args(model_dir, method, whole, extra)) == 0  # the uninterrupted reference, in this process
 
-    proc = fedlora(run_args(model_dir, method, broken), kill_at=kills[0])
+    proc = fedlora(run_args(model_dir, method, broken, extra), kill_at=kills[0])
     for i, point in enumerate(kills):
         assert proc.returncode == -signal.SIGKILL, f"not killed at {point}: {proc.stderr[-2000:]}"
         assert not (broken / "final").exists()
@@ -81,6 +82,11 @@ def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, ki
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(whole, broken)
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["round-0002", "round-0003"]  # the last two, nothing half-written
+    if extra:  # bfloat16 matrix multiplies: the loss still falls, and the run is not the float32 one
+        plain = tmp_path / "float32"
+        assert main(run_args(model_dir, method, plain)) == 0
+        s16, s32 = (json.loads((r / "summary.json").read_text())["global_loss"] for r in (whole, plain))
+        assert s16["after"] < s16["before"] and s16["after"] != s32["after"] and abs(s16["after"] - s32["after"]) < 0.05 * s32["before"]
 
 
 def test_resume_refuses_a_changed_setting_in_one_line(tmp_path, capfd):

@@ -168,3 +168,19 @@ def test_adalora_training_reduces_the_rank(tiny_llama, gen):
     total = sum(f.rank for f in update.factors.values())
     assert total <= 2 * len(shapes) < 4 * len(shapes)  # budget: average rank 2 of 4
     assert all(torch.isfinite(f.A).all() for f in update.factors.values())
+
+
+def test_precision_auto_follows_the_hardware_and_bfloat16_autocasts(monkeypatch):
+    from fedlora.train import precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve("float32", cpu) is None and precision.resolve("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.resolve("auto", cpu) is None
+    x = torch.randn(4, 4)
+    with precision.autocast(torch.bfloat16, cpu):
+        assert (x @ x).dtype is torch.bfloat16
+    with precision.autocast(None, cpu):
+        assert (x @ x).dtype is torch.float32

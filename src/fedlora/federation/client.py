@@ -34,7 +34,8 @@ def client_evaluate(method: Method, trainer: LocalTrainer, sent: ClientPlan, kep
     try:
         if plan.head:
             host.set_head(plan.head)
-        return {name: trainer.task.evaluate(host.model, data, batch_size, pad_id, trainer.device) for name, data in splits.items() if data}
+        with trainer.autocast():
+            return {name: trainer.task.evaluate(host.model, data, batch_size, pad_id, trainer.device) for name, data in splits.items() if data}
     finally:
         host.restore()
 

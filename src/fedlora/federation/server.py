@@ -131,7 +131,10 @@ class Server:
         """
         exp = self.exp
         args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
-        score = lambda data: exp.trainer.task.evaluate(exp.host.model, data, *args)  # noqa: E731
+        def score(data: list[Any]) -> dict[str, float]:
+            with exp.trainer.autocast():
+                return exp.trainer.task.evaluate(exp.host.model, data, *args)
+
         if self.method.keeps:
             splits = lambda c: {"test": c.test, "global": exp.global_test}  # noqa: E731
             return personal_eval({c.id: client_evaluate(self.method, exp.trainer, self.eval_plan(c.id, number), self.kept.get(c.id), splits(c), *args[:2])

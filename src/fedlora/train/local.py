@@ -13,6 +13,7 @@ from fedlora.data.batching import length_grouped_batches
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
 from fedlora.model.adapters import AdaLoraSpec, AdapterHost, read_factors
 from fedlora.ops.lowrank import seeded_generator
+from fedlora.train.precision import autocast, resolve
 from fedlora.train.tasks import CausalLM, Task
 
 
@@ -48,6 +49,11 @@ class LocalTrainer:
         self.task = task or CausalLM()
         self.host, self.cfg, self.target_modules = host, cfg, target_modules
         self.pad_id, self.device, self.seed, self.dropout = pad_id, device, seed, dropout
+        self.compute_dtype = resolve(cfg.precision, device)  # None: float32
+
+    def autocast(self):
+        """The precision of this trainer's matrix multiplies, for training and for evaluation alike."""
+        return autocast(self.compute_dtype, self.device)
 
     def adapter_spec(self, plan: ClientPlan) -> AdaLoraSpec | None:
         """The PEFT adapter kind for this plan: None is plain LoRA."""
@@ -106,7 +112,8 @@ class LocalTrainer:
             for start in range(0, len(batch), cfg.micro_batch_size):
                 mb = task.collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
                 real, padded = real + mb.real_tokens, padded + mb.padded_tokens
-                loss_sum, _ = task.loss_sum(model, mb, self.device)
+                with self.autocast():
+                    loss_sum, _ = task.loss_sum(model, mb, self.device)
                 (loss_sum / max(n_answer, 1)).backward()
                 total += float(loss_sum.detach())
             if penalty is not None:
