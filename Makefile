@@ -1,6 +1,6 @@
 # make demo : set everything up on a fresh machine, then run the default experiment
 # make test : set everything up, then run the test suite
-# make bench: the six benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions
+# make bench: the seven benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/memory_clients.py
 	$(PY) bench/communication.py
 	$(PY) bench/rounds.py
+	$(PY) bench/precision.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
