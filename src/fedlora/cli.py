@@ -95,7 +95,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Several methods × seeds on the same partitions: table.md, table.csv and PNGs in one folder."""
     from fedlora.app.compare import cli
 
-    log.info("comparison in %s", cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only))
+    out = cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only)
+    Console().print((out / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)  # the table it wrote
+    log.info("comparison in %s", out)
     return 0
 
 

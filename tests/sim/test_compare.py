@@ -102,3 +102,10 @@ def test_bad_methods_fail_with_one_line(config: Path, tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "--methods" in err and "'nope'" in err and "flora" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_ends_by_printing_the_table_it_wrote(config: Path, compared: Path, capsys) -> None:
+    assert main(["compare", str(config), "--methods", "flora,fedit", "--seeds", "2", "--output", str(compared), "--tables-only", "eval.every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "| method |" in out and "`flora`" in out and "`fedit`" in out
+    assert out.count("\n| `") == (compared / "table.md").read_text().count("\n| `")
