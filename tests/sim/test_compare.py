@@ -109,3 +109,8 @@ def test_compare_ends_by_printing_the_table_it_wrote(config: Path, compared: Pat
     out = capsys.readouterr().out
     assert "| method |" in out and "`flora`" in out and "`fedit`" in out
     assert out.count("\n| `") == (compared / "table.md").read_text().count("\n| `")
+
+
+def test_every_compared_run_keeps_its_final_adapter(compared: Path) -> None:
+    for run in (compared / "runs").iterdir():
+        assert (run / "final" / "adapter_model.safetensors").is_file(), run

@@ -25,6 +25,7 @@ from fedlora.config import Config, ConfigError, load_config
 from fedlora.methods import REGISTRY, Method, MethodError, Setup, build_method
 from fedlora.federation.experiment import Experiment, check_model, prepare
 from fedlora.sim.federation import Hooks, Simulation
+from fedlora.app.final import save_final
 from fedlora.app.run_dir import RunDir, summarize, write_json
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def make_plan(config: str, methods: str, seeds: int, overrides: list[str], one_r
 
 def method_config(plan: Plan, method: str, seed: int, shapes: dict[str, tuple[int, int]]) -> tuple[Config, Method, bool]:
     """The config and method object for one run; True when the method had to use one rank for all."""
-    extra = [f"seed={seed}", f"federation.method={method}", "output.save_final=false"]
+    extra = [f"seed={seed}", f"federation.method={method}"]
     cfg = load_config(plan.config, [*plan.overrides, *extra])
     try:
         return cfg, build_method(method, _setup(cfg, shapes)), False
@@ -115,7 +116,7 @@ def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str,
 
 
 def _prepare(plan: Plan, seed: int) -> Experiment:
-    cfg = load_config(plan.config, [*plan.overrides, f"seed={seed}", "output.save_final=false"])
+    cfg = load_config(plan.config, [*plan.overrides, f"seed={seed}"])
     torch.manual_seed(seed)
     return prepare(cfg)
 
@@ -138,7 +139,10 @@ def _run_one(plan: Plan, exp: Experiment, head0: dict, method: str, seed: int, f
     torch.manual_seed(seed)
     log.info("compare: %s, seed %d%s → %s", method, seed, f" (one rank {cfg.client_ranks()[0]})" if one_rank else "", folder)
     t0 = time.perf_counter()
-    Simulation(dataclasses.replace(exp, cfg=cfg, method=obj), hooks or Hooks()).run(run.record)
+    sim = Simulation(dataclasses.replace(exp, cfg=cfg, method=obj), hooks or Hooks())
+    sim.run(run.record)
+    if cfg.output.save_final:  # a compared run is a usable run: export and eval read its final/
+        save_final(sim.server, folder / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
     summary["one_rank"] = cfg.client_ranks()[0] if one_rank else None
     summary["ranks"] = cfg.client_ranks()
