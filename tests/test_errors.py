@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlora.cli import main
 from tests.tiny_folder import save_tiny_model
@@ -40,6 +41,7 @@ CASES = [
     (["lora.scale=.nan"], ["lora.scale", "finite", "nan"]),
     (["lora.scale=[1,0,2]"], ["lora.scale", "greater than 0", "[1.0, 0.0, 2.0]"]),
     (["train.max_length=100000"], ["train.max_length", "100000", "context of 256 tokens", "accepted: 8..256"]),
+    *([(["model.device=cuda"], ["model.device", "'cuda'", "no CUDA device", "accepted here: auto, cpu"])] if not torch.cuda.is_available() else []),
     (["train.precision=half"], ["train.precision", "'half'", "'float32'", "'bfloat16'", "'auto'"]),
 ]
 

@@ -90,8 +90,6 @@ def load_source(cfg: Config) -> list:
 
 def prepare(cfg: Config) -> Experiment:
     model_dir, shapes = check_model(cfg)
-    examples = load_source(cfg)
-
     setup = Setup(
         layers=shapes,
         ranks=dict(enumerate(cfg.client_ranks())),
@@ -100,9 +98,9 @@ def prepare(cfg: Config) -> Experiment:
         options=cfg.federation.options,
         rank_patterns=cfg.client_rank_patterns(),
     )
-    method = build_method(cfg.federation.method, setup)  # method errors before the model loads
-
+    method = build_method(cfg.federation.method, setup)  # method errors before the data and the model load
     device = pick_device(cfg.model.device)
+    examples = load_source(cfg)
     dtype = pick_dtype(cfg.model.dtype, device)
     stats = TokenizeStats()
     length = cfg.train.max_length

@@ -15,6 +15,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     """`auto`: CUDA when present, else CPU."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        from fedlora.config import ConfigError
+
+        raise ConfigError(f"model.device: 'cuda', but this torch ({torch.__version__}) sees no CUDA device (accepted here: auto, cpu)")
     return torch.device(requested)
 
 
