@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -72,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
-    Console().print(summary_table(summary, cfg.client_ranks()))
+    Console().print(summary_table(summary, cfg.client_ranks(), json.loads((run.path / "partition.json").read_text())))
     return 0
 
 

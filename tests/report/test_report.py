@@ -75,3 +75,19 @@ def test_bad_metrics_line_is_named(tmp_path, capsys, line):
     (folder / "metrics.jsonl").write_text(line + "\n")
     assert main(["report", str(folder)]) == 2
     assert "metrics.jsonl line 1" in capsys.readouterr().err
+
+
+def test_the_closing_table_says_how_many_test_examples_each_loss_is_on():
+    from rich.console import Console
+
+    from fedlora.report.table import summary_table
+
+    summary = {"method": "flora", "rounds": 2, "client_loss": {"0": {"before": 3.0, "after": 2.5}, "1": {"before": 3.1, "after": 2.9}},
+               "global_loss": {"before": 3.0, "after": 2.6}, "bytes_up": 1e6, "bytes_down": 2e6, "agg_noise_mean": 0.0,
+               "init_noise_mean": 0.0, "padded_fraction": 0.04, "wall_s": 12.0, "peak_rss_mb": 2048.0}
+    partition = {"global_test": 24, "global_held_out": 231, "clients": [{"id": 0, "test": 12}, {"id": 1, "test": 7}]}
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary, [4, 2], partition))
+    text = console.export_text()
+    assert "test examples" in text and "24 of 231" in text and "eval.max_examples" in text
+    assert any(" 12 " in line and "3.0000" in line for line in text.splitlines())

@@ -151,10 +151,11 @@ def split_indices(cfg: Config, categories: list[str]) -> dict[str, Any]:
             "categories": dict(Counter(categories[i] for i in idx).most_common()),
             "train_indices": train_idx, "test_indices": _cap(test_idx, cap, cfg.seed + k), "all_indices": sorted(idx),
         })
+    held_out = len(global_idx)
     global_idx = _cap(global_idx, cap, cfg.seed)
     return {
         "source": d.source, "partition": d.partition, "alpha": d.alpha, "by": d.by, "num_examples": len(categories),
-        "global_test": len(global_idx), "global_test_indices": global_idx, "clients": info_clients,
+        "global_test": len(global_idx), "global_held_out": held_out, "global_test_indices": global_idx, "clients": info_clients,
     }
 
 
