@@ -42,6 +42,8 @@ CASES = [
     (["lora.scale=[1,0,2]"], ["lora.scale", "greater than 0", "[1.0, 0.0, 2.0]"]),
     (["train.max_length=100000"], ["train.max_length", "100000", "context of 256 tokens", "accepted: 8..256"]),
     *([(["model.device=cuda"], ["model.device", "'cuda'", "no CUDA device", "accepted here: auto, cpu"])] if not torch.cuda.is_available() else []),
+    (["seed=-1"], ["seed", "greater than or equal to 0", "-1"]),
+    (["seed=99999999999999999999999"], ["seed", "less than 9223372036854775808", "99999999999999999999999"]),
     (["train.precision=half"], ["train.precision", "'half'", "'float32'", "'bfloat16'", "'auto'"]),
 ]
 
@@ -62,3 +64,44 @@ def test_bad_input_is_one_line_with_setting_value_and_accepted(model_dir, tmp_pa
     for part in says:
         assert part in lines[0], f"{part!r} not in {lines[0]!r}"
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("kind", ["latin-1 data", "utf-16 data", "binary config", "bad save_to_disk folder", "output.dir under a file",
+                                  "model config not JSON", "model without weights", "model without tokenizer"])
+def test_files_in_another_encoding_or_broken_are_one_line(model_dir, tmp_path, capfd, kind):
+    config = ROOT / "configs" / "tiny.yaml"
+    extra = []
+    if kind == "latin-1 data":
+        (tmp_path / "d.jsonl").write_bytes('{"instruction": "café?", "output": "oui"}\n'.encode("latin-1") * 30)
+        extra, says = [f"data.source={tmp_path / 'd.jsonl'}"], ["data.source", "not UTF-8 text", "accepted: UTF-8"]
+    elif kind == "utf-16 data":
+        (tmp_path / "d.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n' * 30, encoding="utf-16")
+        extra, says = [f"data.source={tmp_path / 'd.jsonl'}"], ["data.source", "not UTF-8 text"]
+    elif kind == "binary config":
+        config = tmp_path / "c.yaml"
+        config.write_bytes(bytes(range(256)))
+        says = ["config:", "not UTF-8 text", "accepted: a YAML file"]
+    elif kind == "bad save_to_disk folder":
+        folder = tmp_path / "ds"
+        folder.mkdir()
+        (folder / "dataset_info.json").write_text("{not json")
+        (folder / "state.json").write_text("{not json")
+        extra, says = [f"data.source={folder}"], ["data.source", "cannot be read"]
+    elif kind == "output.dir under a file":
+        (tmp_path / "file").write_text("x")
+        extra, says = [f"output.dir={tmp_path / 'file' / 'run'}"], ["output.dir", "cannot create", "accepted: a folder path"]
+    else:  # a model folder missing what loading needs
+        bad = tmp_path / "model"
+        bad.mkdir()
+        (bad / "config.json").write_text("{oops" if kind == "model config not JSON" else '{"model_type": "llama"}')
+        if kind == "model without tokenizer":
+            (bad / "model.safetensors").write_bytes(b"")
+        what = {"model config not JSON": "is not JSON", "model without weights": "holds no weights", "model without tokenizer": "holds no tokenizer"}[kind]
+        extra, says = [f"model.path={bad}"], ["model.path", what, "accepted: a folder written by save_pretrained"]
+    args = ["run", str(config), f"model.path={model_dir}", f"output.dir={tmp_path / 'run'}", *extra]
+    assert main(args) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(part in lines[0] for part in says), lines[0]
+    assert not (tmp_path / "run").exists()

@@ -134,7 +134,7 @@ class OutputCfg(Section):
 
 
 class Config(Section):
-    seed: int = Field(0, description="Seeds data splits, sampling, init and batching.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seeds data splits, sampling, init and batching (0 ≤ seed < 2^63: what torch and NumPy accept).")
     model: ModelCfg = Field(default_factory=ModelCfg)
     lora: LoraCfg = Field(default_factory=LoraCfg)
     data: DataCfg = Field(default_factory=DataCfg)
@@ -190,9 +190,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path} (accepted: a YAML file, or no argument for the default)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8 text (accepted: a YAML file)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
     return build_config(raw, overrides or [])

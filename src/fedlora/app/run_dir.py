@@ -72,9 +72,12 @@ class RunDir:
         self.path = path
         if resume and not (path / "config.yaml").is_file():
             raise ConfigError(f"--resume: {path} holds no config.yaml (accepted: the folder of an earlier fedlora run)")
-        if not resume and path.exists() and any(path.iterdir()):
+        if not resume and path.is_dir() and any(path.iterdir()):
             raise FileExistsError(f"output.dir: {path} already holds files (accepted: a new or empty folder, or --resume {path})")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # under a file, on a read-only or virtual file system (/proc)
+            raise ConfigError(f"output.dir: cannot create {path} ({e.strerror or type(e).__name__}) (accepted: a folder path you can write to)") from None
         self.metrics = path / "metrics.jsonl"
         self.checkpoints = path / "checkpoints"
 

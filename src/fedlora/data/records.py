@@ -35,16 +35,20 @@ def load_file(source: str, *, by: str, text_field: str | None, label_field: str 
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     class_names: dict[str, list[str]] = {}
-    if path.is_dir():
-        records, class_names = _read_saved(path)
-    elif suffix == ".jsonl":
-        records = _read_jsonl(path)
-    elif suffix == ".json":
-        records = _read_json(path)
-    elif suffix in TABULAR:
-        records, class_names = _read_tabular(path, TABULAR[suffix])
-    else:
-        raise DataError(f"data.source: unsupported file type {suffix or '(none)'!r}: {path} (accepted: {FILE_TYPES})")
+    try:
+        if path.is_dir():
+            records, class_names = _read_saved(path)
+        elif suffix == ".jsonl":
+            records = _read_jsonl(path)
+        elif suffix == ".json":
+            records = _read_json(path)
+        elif suffix in TABULAR:
+            records, class_names = _read_tabular(path, TABULAR[suffix])
+        else:
+            raise DataError(f"data.source: unsupported file type {suffix or '(none)'!r}: {path} (accepted: {FILE_TYPES})")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.source: {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}) "
+                        "(accepted: UTF-8 files; convert with e.g. `iconv -f latin1 -t utf-8`)") from None
     return examples_from_records(records, str(path), by=by, text_field=text_field, label_field=label_field, class_names=class_names)
 
 
@@ -107,6 +111,9 @@ def _read_saved(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]
             ds = datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise DataError(f"data.source: {path} is a folder but not a datasets.save_to_disk folder (accepted: {FILE_TYPES})") from None
+        except (ValueError, OSError) as e:  # a folder that looks like one but holds bad JSON or files
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DataError(f"data.source: {path} looks like a datasets.save_to_disk folder but cannot be read ({first}) (accepted: {FILE_TYPES})") from None
     if isinstance(ds, datasets.DatasetDict):
         splits = sorted(ds)
         if "train" not in ds and len(splits) != 1:

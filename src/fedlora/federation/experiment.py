@@ -49,6 +49,7 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     model_dir = resolve_model_dir(cfg.model.path, cfg.model.task)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.path: no HF model folder (config.json) at {model_dir} (accepted: a local folder saved with save_pretrained, or empty for the embedded SmolLM2)")
+    check_model_folder(model_dir)
     shapes = meta_layer_shapes(model_dir, cfg.lora.target_modules, cfg.model.task)
     if not shapes:
         raise ConfigError(f"lora.target_modules: no Linear layer named {cfg.lora.target_modules} in {model_dir.name} (accepted: e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
@@ -68,6 +69,25 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
                 where = "lora.ranks" if r == setup.ranks[k] else "lora.rank_patterns"
                 raise ConfigError(f"{where}: rank {r} exceeds layer {name} ({d_out}×{d_in}) (accepted: 1..{min(d_out, d_in)})")
     return model_dir, shapes
+
+
+def check_model_folder(model_dir: Path) -> None:
+    """A config.json that names its ``model_type``, weights and a tokenizer: what loading needs, checked before it."""
+    import json
+
+    accepted = "(accepted: a folder written by save_pretrained of a model and its tokenizer)"
+    try:
+        meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ConfigError(f"model.path: {model_dir}/config.json is not JSON {accepted}") from None
+    if not isinstance(meta, dict) or not meta.get("model_type"):
+        raise ConfigError(f"model.path: {model_dir}/config.json names no model_type {accepted}")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((model_dir / w).is_file() for w in weights) and not list(model_dir.glob("*.safetensors")):
+        raise ConfigError(f"model.path: {model_dir} holds no weights ({', '.join(weights[:3])}) {accepted}")
+    tokenizer = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+    if not any((model_dir / t).is_file() for t in tokenizer):
+        raise ConfigError(f"model.path: {model_dir} holds no tokenizer ({', '.join(tokenizer)}) {accepted}")
 
 
 def model_context(model_dir: Path) -> int | None:
