@@ -118,3 +118,14 @@ def test_with_no_intact_checkpoint_resume_stops_in_one_line_and_changes_nothing(
     with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint, but metrics.jsonl records 3 rounds"):
         checkpoint.resume(RunDir(run.path, resume=True), Simulation(_experiment(tiny_llama, "flora", (4, 2, 1))).server)
     assert run.metrics.read_bytes() == before[run.metrics]
+
+
+def test_a_checkpoint_of_another_method_or_without_its_metrics_is_one_line(tiny_llama, tmp_path):
+    run, _ = _run_folder(tiny_llama, tmp_path)
+    newest = checkpoint.complete(run.checkpoints)[-1]
+    other = Simulation(_experiment(tiny_llama, "fedit", (2, 2, 2))).server
+    with pytest.raises(checkpoint.CheckpointError, match=r"^--resume: .* is a checkpoint of method 'flora', not 'fedit'"):
+        checkpoint.load(newest, other, run.read_metrics())
+    same = Simulation(_experiment(tiny_llama, "flora", (4, 2, 1))).server
+    with pytest.raises(checkpoint.CheckpointError, match=r"^--resume: metrics.jsonl holds rounds \[0\], the checkpoint round-0002 needs rounds 0..2"):
+        checkpoint.load(newest, same, run.read_metrics()[:1])
