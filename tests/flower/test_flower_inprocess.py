@@ -163,7 +163,8 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_flower_strategy_and_clientapp_equal_the_simulator_for_every_method(tiny_llama, tmp_path, monkeypatch, name):
-    _same_as_simulator(tiny_llama, name, _ranks(name), tmp_path, monkeypatch)
+    records = _same_as_simulator(tiny_llama, name, _ranks(name), tmp_path, monkeypatch)  # compares every round with the simulator's
+    assert [len(r["clients"]) for r in records[1:]] == [1 if name == "centralized" else 3] * 2 and all("eval" in r for r in records)
 
 
 @pytest.mark.parametrize("name", ["flora", "local"])

@@ -84,8 +84,11 @@ def test_flower_plan_and_update_round_trip_bit_for_bit_in_float32(name):
     for plan, update in zip(plans, updates):
         _same(plan, records_to_plan(plan_to_records(plan, "float32")))
         prepared = client_prepare(method, plan)
-        back = records_to_update(update_to_records(update, upload=prepared.upload, wire="float32"), prepared, method.setup.layers)
+        up = update_to_records(update, upload=prepared.upload, wire="float32")
+        back = records_to_update(up, prepared, method.setup.layers)
         _same(as_received(update, prepared, method.setup.layers), back)
+        factors = [k for k in up.array_records["update.arrays"] if k.startswith("factors/")]
+        assert len(factors) == len(prepared.upload) * len(update.factors)  # only the uploaded factors travelled
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
@@ -96,7 +99,9 @@ def test_flower_round_trip_in_half_precision_is_the_cast(name, wire):
     for plan, update in zip(plans, updates):
         _same(plan, records_to_plan(plan_to_records(plan, wire)), CAST[wire])
         prepared = client_prepare(method, plan)
-        back = records_to_update(update_to_records(update, upload=prepared.upload, wire=wire), prepared, method.setup.layers)
+        up = update_to_records(update, upload=prepared.upload, wire=wire)
+        assert all(up.array_records["update.arrays"][k].dtype == wire for k in up.array_records["update.arrays"] if k.startswith("factors/"))
+        back = records_to_update(up, prepared, method.setup.layers)
         if prepared.upload == "BA":
             _same(update, back, CAST[wire])
         else:  # the frozen A never travelled: the receiver's own copy, exact

@@ -29,7 +29,7 @@ def client_evaluate(method: Method, trainer: LocalTrainer, sent: ClientPlan, kep
     plan = method.client_start(method.client_prepare(sent), kept)
     host = trainer.host
     host.catch_up(plan.base)
-    own = own_model(method, sent, kept)
+    own = method.client_model(plan)
     host.set_delta({n: [*plan.fold.get(n, []), *own.get(n, [])] for n in {*plan.fold, *own}})
     try:
         if plan.head:

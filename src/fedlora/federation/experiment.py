@@ -49,15 +49,15 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     model_dir = resolve_model_dir(cfg.model.path, cfg.model.task)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.path: no HF model folder (config.json) at {model_dir} (accepted: a local folder saved with save_pretrained, or empty for the embedded SmolLM2)")
-    check_model_folder(model_dir)
+    meta = check_model_folder(model_dir)
     shapes = meta_layer_shapes(model_dir, cfg.lora.target_modules, cfg.model.task)
     if not shapes:
         raise ConfigError(f"lora.target_modules: no Linear layer named {cfg.lora.target_modules} in {model_dir.name} (accepted: e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     found = {n.rsplit(".", 1)[-1] for n in shapes}
     if missing := [m for m in cfg.lora.target_modules if m not in found]:
         raise ConfigError(f"lora.target_modules: {missing} not found in {model_dir.name} (found: {sorted(found)})")
-    context = model_context(model_dir)
-    if context is not None and cfg.train.max_length > context:
+    context = meta.get("max_position_embeddings")  # the model's longest sequence, when its config says
+    if isinstance(context, int) and context > 0 and cfg.train.max_length > context:
         raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds the model's context of {context} tokens (accepted: 8..{context})")
     setup = Setup(shapes, dict(enumerate(cfg.client_ranks())), {}, rank_patterns=cfg.client_rank_patterns())
     for key in cfg.lora.rank_patterns:
@@ -71,8 +71,8 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     return model_dir, shapes
 
 
-def check_model_folder(model_dir: Path) -> None:
-    """A config.json that names its ``model_type``, weights and a tokenizer: what loading needs, checked before it."""
+def check_model_folder(model_dir: Path) -> dict[str, Any]:
+    """A config.json that names its ``model_type``, weights and a tokenizer: what loading needs, checked before it; the config."""
     import json
 
     accepted = "(accepted: a folder written by save_pretrained of a model and its tokenizer)"
@@ -88,17 +88,7 @@ def check_model_folder(model_dir: Path) -> None:
     tokenizer = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
     if not any((model_dir / t).is_file() for t in tokenizer):
         raise ConfigError(f"model.path: {model_dir} holds no tokenizer ({', '.join(tokenizer)}) {accepted}")
-
-
-def model_context(model_dir: Path) -> int | None:
-    """The model's longest sequence (``max_position_embeddings`` in its config.json), when it says."""
-    import json
-
-    try:
-        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        return None
-    return int(value) if isinstance(value, int) and value > 0 else None
+    return meta
 
 
 def load_source(cfg: Config) -> list:

@@ -93,13 +93,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     sent = records_to_plan(msg.content)
     folder = state_dir(node.state_root, str(msg.content.config_records[RUN]["run"]), node.partition)
     rt.trainer.host.load_base(*load_state(folder))
-    scores = client_evaluate(rt.method, rt.trainer, sent, load_kept(folder, sent.round), {"test": rt.test, "global": rt.global_test},
-                             rt.cfg.eval.batch_size, rt.pad_id)
+    kept = load_kept(folder, sent.round)
+    scores = client_evaluate(rt.method, rt.trainer, sent, kept, {"test": rt.test, "global": rt.global_test}, rt.cfg.eval.batch_size, rt.pad_id)
     if sent.round > rt.cfg.federation.rounds and rt.cfg.output.save_final and rt.model_dir is not None:
         from fedlora.federation.client import own_model
         from fedlora.model.export import save_adapter
 
-        save_adapter(rt.trainer.host, own_model(rt.method, sent, load_kept(folder, sent.round)), rt.cfg.lora.target_modules, folder / "final", str(rt.model_dir))
+        save_adapter(rt.trainer.host, own_model(rt.method, sent, kept), rt.cfg.lora.target_modules, folder / "final", str(rt.model_dir))
     metrics = MetricRecord({f"{split}/{key}": float(v) for split, s in scores.items() for key, v in s.items()})
     return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 

@@ -53,9 +53,10 @@ class FedEx(Method):
             As = [u.factors[name].A.to(dtype) for u in updates]
             B_bar = sum(pk * B for pk, B in zip(p, Bs))
             A_bar = sum(pk * A for pk, A in zip(p, As))
-            terms = [LowRank(B - B_bar, (A - A_bar) * (self.scale * pk)) for pk, B, A in zip(p, Bs, As) if pk > 0]
+            kept = [(pk, B, A) for pk, B, A in zip(p, Bs, As) if pk > 0]
+            terms = [LowRank(B - B_bar, A - A_bar) for _, B, A in kept]
             new[name] = Factors(B=B_bar, A=A_bar)
-            residual[name] = smallest_form(stack(terms))
+            residual[name] = smallest_form(stack(terms, [self.scale * pk for pk, _, _ in kept]))  # the K centred pairs, one pass
         self.factors = new
         self.merged.merge(residual, [u.client for u in updates])
         return list(p)

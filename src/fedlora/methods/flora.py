@@ -20,7 +20,7 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.ops.lowrank import LowRank, smallest_form, within_layer_rank
+from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
 
 
 class FLoRA(Folds):
@@ -69,15 +69,5 @@ class FLoRA(Folds):
 
 
 def stacked(pending: list[tuple[torch.Tensor, torch.Tensor, float]], norm: float) -> LowRank:
-    """[B_1 … B_K], [c_1 n A_1; …; c_K n A_K] written once into their final tensors (one pass over each upload)."""
-    B0, A0, _ = pending[0]
-    total = sum(B.shape[1] for B, _, _ in pending)
-    B_out = torch.empty(B0.shape[0], total, dtype=B0.dtype)
-    A_out = torch.empty(total, A0.shape[1], dtype=A0.dtype)
-    i = 0
-    for B, A, c in pending:
-        r = B.shape[1]
-        B_out[:, i : i + r].copy_(B)
-        torch.mul(A, c * norm, out=A_out[i : i + r])
-        i += r
-    return LowRank(B_out, A_out)
+    """[B_1 … B_K], [c_1 n A_1; …; c_K n A_K]: the noted uploads with their coefficients, stacked in one pass."""
+    return stack([LowRank(B, A) for B, A, _ in pending], [c * norm for _, _, c in pending])

@@ -129,11 +129,24 @@ def add_term(terms: list[Term], term: Term) -> list[Term]:
     return new
 
 
-def stack(terms: Sequence[LowRank]) -> LowRank:
-    """One pair whose product is the sum of the terms' products: [B_1 … B_K] @ [A_1; …; A_K]."""
+def stack(terms: Sequence[LowRank], coefs: Sequence[float] | None = None) -> LowRank:
+    """One pair whose product is Σ_k c_k B_k A_k: [B_1 … B_K] @ [c_1 A_1; …; c_K A_K] (c_k = 1 without ``coefs``).
+
+    Each factor is written once into the final tensors, its coefficient applied on the way (one pass over each term).
+    """
     assert terms, "stack needs at least one term"
     assert all(isinstance(t, LowRank) for t in terms), "a dense term has no factors to stack"
-    return LowRank(torch.cat([t.B for t in terms], dim=1), torch.cat([t.A for t in terms], dim=0))
+    if coefs is None:
+        return LowRank(torch.cat([t.B for t in terms], dim=1), torch.cat([t.A for t in terms], dim=0))
+    total = sum(t.rank for t in terms)
+    B = torch.empty(terms[0].B.shape[0], total, dtype=terms[0].B.dtype)
+    A = torch.empty(total, terms[0].A.shape[1], dtype=terms[0].A.dtype)
+    i = 0
+    for t, c in zip(terms, coefs, strict=True):
+        B[:, i : i + t.rank].copy_(t.B)
+        torch.mul(t.A, float(c), out=A[i : i + t.rank])
+        i += t.rank
+    return LowRank(B, A)
 
 
 def pad(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
