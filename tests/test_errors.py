@@ -105,3 +105,20 @@ def test_files_in_another_encoding_or_broken_are_one_line(model_dir, tmp_path, c
     assert len(lines) == 1 and "Traceback" not in err, err
     assert all(part in lines[0] for part in says), lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides", [["federation.method=nope"], ["federation.method=fedit"], ["federation.options.nope=1"]])
+def test_method_errors_come_before_transformers_and_the_data_load(tmp_path, overrides):
+    """Checked in a fresh interpreter: the error line is printed while transformers is still not imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedlora.cli import main; "
+        f"rc = main(['run', {str(ROOT / 'configs' / 'tiny.yaml')!r}, 'output.dir={tmp_path / 'run'}', *{overrides!r}]); "
+        "print('rc', rc, 'transformers' in sys.modules, 'datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["rc", "2", "False", "False"], out.stdout + out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")], out.stderr
+    assert not (tmp_path / "run").exists()

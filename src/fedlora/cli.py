@@ -19,6 +19,7 @@ from rich.console import Console  # noqa: E402
 from rich.logging import RichHandler  # noqa: E402
 
 from fedlora.config import ConfigError, load_config, packaged_config  # noqa: E402
+from fedlora.app.run_dir import resume_config  # noqa: E402
 
 console = Console(stderr=True)
 log = logging.getLogger("fedlora")
@@ -38,6 +39,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.app.preflight import preflight
+
+    config_path = args.config or packaged_config("default")
+    cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
+    preflight(cfg)  # method errors in a second, before transformers, the data and the model load
     import torch
 
     from fedlora.report.table import summary_table
@@ -46,9 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.app.progress import rich_hooks
     from fedlora.app.checkpoint import run_with_checkpoints
     from fedlora.app.final import save_final
-    from fedlora.app.run_dir import RunDir, default_run_dir, finished, lock, resume_config, summarize
-    config_path = args.config or packaged_config("default")
-    cfg = resume_config(Path(args.resume), args.config, args.overrides) if args.resume else load_config(config_path, args.overrides)
+    from fedlora.app.run_dir import RunDir, default_run_dir, finished, lock, summarize
     if args.resume:
         held = lock(Path(args.resume))  # noqa: F841 - until this process ends
         if finished(Path(args.resume), cfg.federation.rounds):
@@ -238,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_handler() -> logging.Handler:
+    """Rich on a terminal; in a file or a pipe plain timestamped lines, unwrapped, and no library progress bars."""
+    if console.is_terminal:
+        return RichHandler(console=console, show_path=False)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `fedlora run key=value` with the default config
         args.config = None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[_log_handler()])
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's business
     for noisy in ("transformers", "peft", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,7 +1,8 @@
-"""Progress bars for rounds and client steps (rich), fed by the simulation's hooks."""
+"""Progress for rounds and client steps, fed by the simulation's hooks: bars on a terminal, plain lines in a log."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -12,8 +13,32 @@ from fedlora.config import Config
 from fedlora.sim.federation import Hooks
 
 
+log = logging.getLogger("fedlora")
+
+
+def plain_hooks(cfg: Config) -> Hooks:
+    """One log line per client and per round, for output that is a file or a pipe (no bars, no wrapping)."""
+
+    def client_start(client: int, n: int) -> None:
+        log.info("round %d: client %d (r=%d), %d steps", rnd[0], client, cfg.client_ranks()[client], n)
+
+    def round_start(r: int, clients: list[int]) -> None:
+        rnd[0] = r
+
+    rnd = [0]
+    return Hooks(round_start=round_start, client_start=client_start, round_end=lambda entry: log.info(_round_done(entry)))
+
+
+def _round_done(entry: dict[str, Any]) -> str:
+    loss = entry.get("eval", {}).get("global", {}).get("loss")
+    return f"round {entry['round']} done" + (f" · global loss {loss:.4f}" if loss is not None else "")
+
+
 @contextmanager
 def rich_hooks(console: Console, cfg: Config) -> Iterator[Hooks]:
+    if not console.is_terminal:
+        yield plain_hooks(cfg)
+        return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"), console=console, transient=False,
@@ -32,8 +57,7 @@ def rich_hooks(console: Console, cfg: Config) -> Iterator[Hooks]:
         progress.update(steps, advance=1, info=f"loss {loss:.3f}")
 
     def round_end(entry: dict[str, Any]) -> None:
-        loss = entry.get("eval", {}).get("global", {}).get("loss")
-        text = f"round {entry['round']} done" + (f" · global loss {loss:.4f}" if loss is not None else "")
+        text = _round_done(entry)
         progress.update(rounds, advance=1, info=text)
         progress.console.log(text)
 

@@ -190,7 +190,9 @@ class LocalFederation:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedlora.app.preflight import preflight
     from fedlora.config import ConfigError, load_config, packaged_config
+    from fedlora.methods import MethodError
 
     p = argparse.ArgumentParser(prog="python -m fedlora.flower.launch", description="Run a fedlora config on a local Flower deployment (SuperLink + N SuperNodes on 127.0.0.1).")
     p.add_argument("--config", default=None, help="YAML config (default: the packaged default.yaml)")
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config).resolve() if args.config else packaged_config("default")
     try:
         cfg = load_config(config, args.overrides)
-    except ConfigError as e:
+        preflight(cfg)
+    except (ConfigError, MethodError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     nodes = args.nodes or cfg.federation.num_clients

@@ -16,7 +16,7 @@ def one_rank(method: str, setup: Setup) -> int:
     ranks = sorted(set(setup.ranks.values()))
     if len(ranks) != 1:
         raise MethodError(
-            f"federation.method: {method!r} needs one rank for every client, got lora.ranks={sorted(setup.ranks.values())} "
+            f"federation.method: {method!r} needs one rank for every client, got lora.ranks={[setup.ranks[k] for k in sorted(setup.ranks)]} "
             f"(accepted: lora.rank=R, or a heterogeneous method: {HETEROGENEOUS})"
         )
     return ranks[0]
@@ -26,7 +26,7 @@ def one_scale(method: str, setup: Setup) -> float:
     """The scale s every client shares (lora.scale), or a one-line error."""
     scales = sorted(set(setup.scales.values()))
     if len(scales) != 1:
-        raise MethodError(f"federation.method: {method!r} needs one lora.scale for every client, got {scales} (accepted: one lora.scale)")
+        raise MethodError(f"federation.method: {method!r} needs one lora.scale for every client, got lora.scale={[setup.scales[k] for k in sorted(setup.scales)]} (accepted: one lora.scale)")
     return scales[0]
 
 

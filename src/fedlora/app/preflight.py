@@ -1,0 +1,28 @@
+"""The checks of a config that need neither data nor model, run before either loads.
+
+Building the method on a stand-in layer checks its name, options and rank rules in about a
+second, where the full preparation (transformers, the data, the model) takes many; the real
+build in ``prepare`` repeats them on the real layers.
+"""
+
+from __future__ import annotations
+
+from fedlora.config import Config
+
+
+def preflight(cfg: Config) -> None:
+    """Raise the method's one-line error for ``cfg`` now, if it has one."""
+    from fedlora.methods import Setup, build_method
+
+    ranks = cfg.client_ranks()
+    widest = max([*ranks, *(r for p in cfg.client_rank_patterns().values() for r in p.values())])
+    layers = {f"stand_in.{m}": (widest, widest) for m in cfg.lora.target_modules}
+    setup = Setup(
+        layers=layers,
+        ranks=dict(enumerate(ranks)),
+        scales=dict(enumerate(cfg.client_scales())),
+        seed=cfg.seed,
+        options=cfg.federation.options,
+        rank_patterns=cfg.client_rank_patterns(),
+    )
+    build_method(cfg.federation.method, setup)
