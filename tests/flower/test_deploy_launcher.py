@@ -59,3 +59,27 @@ def test_deploy_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["--resume", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --resume:") and "holds no config.yaml" in err
+
+
+def test_deploy_reports_each_round_as_its_metrics_line_lands(tmp_path):
+    """``wait`` passes every new complete metrics line on while the run goes, not only at its end."""
+    import json
+    from types import SimpleNamespace
+
+    from fedlora.flower.launch import RunHandle
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"round": 0}) + "\n")  # a resumed run's earlier round: not news
+    writer = (
+        "import json, time, pathlib; d = pathlib.Path(%r)\n"
+        "for r in (1, 2, 3):\n"
+        "    time.sleep(0.3)\n"
+        "    with open(d / 'metrics.jsonl', 'a') as f: f.write(json.dumps({'round': r, 'eval': {'global': {'loss': 1.0 / r}}}) + '\\n')\n"
+        "(d / 'summary.json').write_text(json.dumps({'rounds': 3}))\n" % str(out)
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
+    seen = []
+    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
+    assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
+    assert [e["round"] for e in seen] == [1, 2, 3]

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedlora.flower import APP_DIR
 from fedlora.flower.processes import FlowerRunError, _bin, _exited, _stop_group, _tail, _wait_port, free_port
@@ -41,10 +41,14 @@ class RunHandle:
     def running(self) -> bool:
         return not _exited(self.proc, 0)
 
-    def wait(self, timeout: float = 1800) -> dict[str, Any]:
-        """Wait for the run; its summary.json, or FlowerRunError with the logs' tails."""
+    def wait(self, timeout: float = 1800, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Wait for the run; its summary.json, or FlowerRunError with the logs' tails. ``on_round``: each new metrics line."""
         name = next(n for n, p in self.federation.procs.items() if p is self.proc)
-        if not _exited(self.proc, timeout):
+        deadline, seen = time.monotonic() + timeout, len(self._complete_lines())  # a resumed run's earlier rounds are not news
+        while not (done := _exited(self.proc, min(2.0, max(0.0, deadline - time.monotonic())))) and time.monotonic() < deadline:
+            seen = self._new_rounds(seen, on_round)
+        self._new_rounds(seen, on_round)
+        if not done:
             _stop_group(self.federation.procs.pop(name))
             raise FlowerRunError(f"flwr run did not finish within {timeout:.0f} s\n{_tail(self.log)}")
         _stop_group(self.federation.procs.pop(name))  # reaps it (and anything it left in its group)
@@ -53,6 +57,17 @@ class RunHandle:
             raise FlowerRunError(f"flwr run exited {self.proc.returncode} without {summary}\n--- flwr run ---\n{_tail(self.log)}\n"
                                  f"--- superlink ---\n{_tail(self.federation.logs / 'superlink.log')}")
         return json.loads(summary.read_text())
+
+    def _new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None] | None) -> int:
+        """Pass metrics lines after the first ``seen`` to ``on_round``; the number of complete lines now."""
+        complete = self._complete_lines()
+        for line in complete[seen:] if on_round else []:
+            on_round(json.loads(line))
+        return len(complete)
+
+    def _complete_lines(self) -> list[str]:
+        metrics = self.output_dir / "metrics.jsonl"
+        return [line for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")] if metrics.is_file() else []
 
 
 @dataclass
@@ -185,8 +200,9 @@ class LocalFederation:
         self.procs[f"run-{self._runs}"] = proc
         return RunHandle(proc, output_dir, log, self)
 
-    def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800, **run_config: Any) -> dict[str, Any]:
-        return self.submit(config, output_dir, overrides, **run_config).wait(timeout)
+    def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800,
+            on_round: Callable[[dict[str, Any]], None] | None = None, **run_config: Any) -> dict[str, Any]:
+        return self.submit(config, output_dir, overrides, **run_config).wait(timeout, on_round)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,13 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks,
                              threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
             print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {nodes} SuperNodes; logs and node state in {workdir}", flush=True)
-            summary = fed.run(config, output, [] if args.resume else args.overrides, **({"resume": True} if args.resume else {}))
+            print(f"run folder {output}: {cfg.federation.rounds} rounds of {cfg.federation.method}, one line per round", flush=True)
+            summary = fed.run(config, output, [] if args.resume else args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
+                              **({"resume": True} if args.resume else {}))
     except FlowerRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"run folder {output}: global loss {summary['global_loss']['before']:.4f} → {summary['global_loss']['after']:.4f}, "
           f"wire bytes up {summary['wire_bytes_up']:,} down {summary['wire_bytes_down']:,}, {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def _print_round(entry: dict[str, Any], t0: float, rounds: int) -> None:
+    loss = entry.get("eval", {}).get("global", {}).get("loss")
+    took = f"{len(entry['clients'])} clients, " if entry.get("clients") else ""
+    print(f"round {entry['round']}/{rounds} done: {took}" + (f"global loss {loss:.4f}, " if loss is not None else "")
+          + f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
