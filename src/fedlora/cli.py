@@ -100,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Several methods × seeds on the same partitions: table.md, table.csv and PNGs in one folder."""
     from fedlora.app.compare import cli
 
-    out = cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only)
+    out = cli(args.config, args.methods, args.seeds, args.overrides, args.output, args.one_rank, sys.argv[1:], args.tables_only, args.vary_test_split)
     Console().print((out / "table.md").read_text(), markup=False, highlight=False, soft_wrap=True)  # the table it wrote
     log.info("comparison in %s", out)
     return 0
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--one-rank", type=int, default=None, help="rank for methods that need one rank for all (default: the smallest client rank)")
     compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it are reused")
     compare.add_argument("--tables-only", action="store_true", help="run nothing: table and plots from the finished runs in --output")
+    compare.add_argument("--vary-test-split", action="store_true", help="each seed draws its own global test split (default: the first seed's for all)")
     compare.set_defaults(func=cmd_compare)
     deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")

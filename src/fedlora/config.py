@@ -92,6 +92,10 @@ class DataCfg(Section):
     test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data held out for its test split.")
     global_test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of all data held out as the global test split.")
     max_examples: int | None = Field(None, ge=1, description="Seeded subset of the source (None = all).")
+    global_test_seed: int | None = Field(
+        None, ge=0, lt=2**63,
+        description="Seed of the subset and the global test split (None = seed); fixed, runs of several seeds are scored on the same examples.",
+    )
 
 
 class FederationCfg(Section):

@@ -61,7 +61,21 @@ def test_every_run_on_the_same_partition_per_seed(compared: Path) -> None:
         assert first[0]["eval"]["global"]["loss"] == first[1]["eval"]["global"]["loss"]  # same model, head and test split before training
     s0 = json.loads((compared / "runs" / "flora-seed0" / "partition.json").read_text())
     s1 = json.loads((compared / "runs" / "flora-seed1" / "partition.json").read_text())
-    assert s0["global_test_indices"] != s1["global_test_indices"]  # seeds differ
+    assert s0["global_test_indices"] == s1["global_test_indices"]  # every seed scored on the same held-out examples
+    assert [c["train_indices"] for c in s0["clients"]] != [c["train_indices"] for c in s1["clients"]]  # while the partitions differ
+
+
+def test_vary_test_split_draws_a_global_test_split_per_seed(config: Path) -> None:
+    from fedlora.app.compare import make_plan
+    from fedlora.config import load_config
+    from fedlora.federation.experiment import split_indices
+
+    categories = [f"c{i % 4}" for i in range(80)]
+    for vary, same in ((False, True), (True, False)):
+        plan = make_plan(str(config), "flora", 2, [], vary_test=vary)
+        cfgs = [load_config(plan.config, [*plan.overrides, f"seed={s}"]) for s in plan.seeds]
+        tests = [split_indices(c, categories)["global_test_indices"] for c in cfgs]
+        assert (tests[0] == tests[1]) is same, (vary, tests)
 
 
 def test_fedit_falls_back_to_one_rank(compared: Path) -> None:

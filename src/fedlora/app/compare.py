@@ -52,13 +52,19 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def make_plan(config: str, methods: str, seeds: int, overrides: list[str], one_rank: int | None = None) -> Plan:
-    """Validate everything before any work: the config with its overrides, the methods, the seeds."""
+def make_plan(config: str, methods: str, seeds: int, overrides: list[str], one_rank: int | None = None, vary_test: bool = False) -> Plan:
+    """Validate everything before any work: the config with its overrides, the methods, the seeds.
+
+    Unless ``vary_test``, every seed is scored on the first seed's global test split (``data.global_test_seed``),
+    so the mean and band over seeds measure training, not which examples were held out.
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds: invalid value {seeds} (accepted: an integer >= 1)")
     if one_rank is not None and one_rank < 1:
         raise ConfigError(f"--one-rank: invalid value {one_rank} (accepted: an integer >= 1)")
     base = load_config(config, overrides)
+    if not vary_test and base.data.global_test_seed is None:
+        overrides = [*overrides, f"data.global_test_seed={base.seed}"]
     return Plan(config, list(overrides), parse_methods(methods), [base.seed + i for i in range(seeds)], one_rank)
 
 
@@ -196,14 +202,14 @@ def logging_hooks() -> Hooks:
 
 def cli(
     config: str | None, methods: str, seeds: int, overrides: list[str], output: str | None, one_rank: int | None, argv: list[str],
-    tables_only: bool = False,
+    tables_only: bool = False, vary_test: bool = False,
 ) -> Path:
     """`fedlora compare`: validate, run what is missing, write table.md, table.csv and the PNGs; returns the folder."""
     from datetime import datetime
 
     from fedlora.config import packaged_config
 
-    plan = make_plan(config or str(packaged_config("default")), methods, seeds, overrides, one_rank)
+    plan = make_plan(config or str(packaged_config("default")), methods, seeds, overrides, one_rank, vary_test)
     out = Path(output) if output else Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-compare"
     if tables_only and not (out / "runs").is_dir():
         raise ConfigError(f"--tables-only: no finished runs in {out} (accepted: the --output folder of an earlier compare)")

@@ -91,10 +91,15 @@ def check_model_folder(model_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def test_seed(cfg: Config) -> int:
+    """The seed of the data's subset and the global test split: ``data.global_test_seed``, else the run's."""
+    return cfg.seed if cfg.data.global_test_seed is None else cfg.data.global_test_seed
+
+
 def load_source(cfg: Config) -> list:
     d = cfg.data
     return load_examples(
-        d.source, language=d.language, max_examples=d.max_examples, seed=cfg.seed, by=d.by, text_field=d.text_field, label_field=d.label_field
+        d.source, language=d.language, max_examples=d.max_examples, seed=test_seed(cfg), by=d.by, text_field=d.text_field, label_field=d.label_field
     )
 
 
@@ -148,7 +153,7 @@ def prepare(cfg: Config) -> Experiment:
 def split_indices(cfg: Config, categories: list[str]) -> dict[str, Any]:
     """Global test split first, then the partition, then each client's own train/test split (indices only)."""
     d = cfg.data
-    pool, global_idx = train_test_split(range(len(categories)), d.global_test_fraction, cfg.seed)
+    pool, global_idx = train_test_split(range(len(categories)), d.global_test_fraction, test_seed(cfg))
     parts = partition([categories[i] for i in pool], cfg.federation.num_clients, d.partition, alpha=d.alpha, seed=cfg.seed,
                       min_size=d.min_size, classes_per_client=d.classes_per_client)
     cap = cfg.eval.max_examples
@@ -162,7 +167,7 @@ def split_indices(cfg: Config, categories: list[str]) -> dict[str, Any]:
             "train_indices": train_idx, "test_indices": _cap(test_idx, cap, cfg.seed + k), "all_indices": sorted(idx),
         })
     held_out = len(global_idx)
-    global_idx = _cap(global_idx, cap, cfg.seed)
+    global_idx = _cap(global_idx, cap, test_seed(cfg))
     return {
         "source": d.source, "partition": d.partition, "alpha": d.alpha, "by": d.by, "num_examples": len(categories),
         "global_test": len(global_idx), "global_held_out": held_out, "global_test_indices": global_idx, "clients": info_clients,
