@@ -33,32 +33,41 @@ def mean_curve(runs: Sequence[Run], metric: str) -> tuple[list[int], list[float]
 
 
 def plot_compare(runs_by_method: Mapping[str, Sequence[Run]], path: Path, metric: str = "loss", title: str = "") -> Path | None:
-    """Two panels (by round, by cumulative MB); None when no run holds the metric."""
+    """Two panels: by round with ±std bars (dodged so they do not hide each other), and by cumulative MB on a log axis
+    (rounds after the first upload; a comparison's MB span decades). None when no run holds the metric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     fig = Figure(figsize=(11, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     by_round, by_mb = fig.subplots(1, 2)
-    drawn = False
-    for method, runs in runs_by_method.items():
-        rounds, mean, std, mb = mean_curve(runs, metric)
-        if not rounds:
-            continue
-        drawn = True
-        lo, hi = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
-        (line,) = by_round.plot(rounds, mean, marker="o", ms=3, label=f"{method} (n={len(runs)})")
-        by_round.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-        by_mb.plot(mb, mean, marker="o", ms=3, color=line.get_color(), label=method)
-        by_mb.fill_between(mb, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-    if not drawn:
+    curves = [(m, len(runs), *mean_curve(runs, metric)) for m, runs in runs_by_method.items()]
+    curves = [c for c in curves if c[2]]
+    if not curves:
         return None
-    by_round.set(xlabel="round", ylabel=f"global test {metric}", title=f"{metric} per round (mean ± std over seeds)")
-    by_mb.set(xlabel="MB sent, up + down, cumulative", ylabel=f"global test {metric}", title=f"{metric} against communication")
-    by_mb.set_xscale("symlog")
+    width = 0.25 / max(1, len(curves) - 1) if len(curves) > 1 else 0.0
+    for i, (method, n, rounds, mean, std, mb) in enumerate(curves):
+        dodge = (i - (len(curves) - 1) / 2) * width
+        bars = by_round.errorbar([r + dodge for r in rounds], mean, yerr=std if n > 1 else None, marker="o", ms=3, capsize=2,
+                                 elinewidth=0.8, label=f"{method} (n={n})")
+        sent = [(x, y) for x, y in zip(mb, mean) if x > 0]
+        if sent:
+            by_mb.plot(*zip(*sent), marker="o", ms=3, color=bars.lines[0].get_color(), label=method)
+    spread = " ± std over seeds" if any(c[1] > 1 for c in curves) else ""
+    by_round.set(xlabel="round", ylabel=f"global test {metric}", title=f"{metric} per round (mean{spread})")
+    by_mb.set(xlabel="MB sent, up + down, cumulative (log)", ylabel=f"global test {metric}", title=f"{metric} against communication (mean)")
+    if by_mb.lines:
+        by_mb.set_xscale("log")
+        by_mb.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        by_mb.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        by_mb.xaxis.set_minor_formatter(NullFormatter())
     by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.legend(fontsize=8)
+    if by_mb.lines:
+        by_mb.legend(fontsize=8)
+    for ax in (by_round, by_mb):
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

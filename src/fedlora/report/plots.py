@@ -17,6 +17,9 @@ Metrics = Sequence[Mapping[str, Any]]
 
 Getter = Callable[[Mapping[str, Any]], Any]
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+DASHES = ("-", "--", ":", "-.")
+
 FLOOR = 1e-12
 """Noise plots are on a log scale: zeros (exact methods) are drawn here."""
 
@@ -84,11 +87,13 @@ def plot_noise(runs: Sequence[Metrics], labels: Sequence[str], path: str | Path)
     drawn = False
     for ax, key in zip(axes, ("agg_noise", "init_noise")):
         top = FLOOR * 10
-        for run, label in zip(runs, labels):
+        for i, (run, label) in enumerate(zip(runs, labels)):
             xs, ys = series(run, lambda e: e["round"], lambda e, key=key: e.get(key))
             if xs:
                 drawn = True
-                ax.plot(xs, [max(y, FLOOR) for y in ys], marker="o", label=label)  # an exact method's 0 shows at the floor
+                # an exact method's 0 shows at the floor; runs on the same values stay apart by marker, size and dash
+                ax.plot(xs, [max(y, FLOOR) for y in ys], marker=MARKERS[i % len(MARKERS)], ms=9 - 1.5 * (i % 4), mfc="none",
+                        linestyle=DASHES[i % len(DASHES)], label=label)
                 top = max(top, *ys)
         _integer_x(ax)
         ax.set(xlabel="round", ylabel=f"{key} (floor {FLOOR:g})", title=key, yscale="log", ylim=(FLOOR / 10, top * 10))
@@ -148,7 +153,10 @@ def _save(fig: Any, path: str | Path, drawn: bool) -> Path | None:
     if not drawn:
         return None
     for ax in fig.axes:
-        if ax.get_legend_handles_labels()[0]:
+        handles = ax.get_legend_handles_labels()[0]
+        if len(handles) > 4:  # many clients or runs: beside the panel, where it hides no curve
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(handles) // 13, borderaxespad=0)
+        elif handles:
             ax.legend(fontsize=8)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
