@@ -24,6 +24,8 @@ from fedlora.app.run_dir import resume_config  # noqa: E402
 console = Console(stderr=True)
 log = logging.getLogger("fedlora")
 
+SETTINGS = "Every setting, its type, default and bounds: docs/config.md, or `fedlora config --reference`."
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileExistsError)
 
 
@@ -78,6 +80,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["run_dir"] = str(run.path)
     run.write_summary(summary)
     Console().print(summary_table(summary, cfg.client_ranks(), json.loads((run.path / "partition.json").read_text())))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The config as a run would resolve it, as YAML; or the reference of every setting."""
+    from fedlora.config import to_yaml
+
+    if args.reference:
+        from fedlora.config_reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+    print(to_yaml(load_config(args.config or packaged_config("default"), args.overrides)), end="")
     return 0
 
 
@@ -137,7 +152,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     try:
         from fedlora.flower.launch import main as launch
     except ImportError:
-        console.print("[bold red]error:[/] fedlora deploy needs Flower (accepted: pip install \"fedlora[flower]\")")
+        console.print("[bold red]error:[/] fedlora deploy needs Flower (accepted: pip install -e \".[flower]\" in the fedlora checkout)")
         return 2
     argv = ["--config", args.config] if args.config else []
     for flag in ("output", "workdir", "resume"):
@@ -189,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"fedlora {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a federated experiment in one process")
+    run = sub.add_parser("run", help="run a federated experiment in one process", epilog=SETTINGS)
     run.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (same config)")
@@ -198,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     data.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.alpha=0.1")
     data.set_defaults(func=cmd_data)
+    conf = sub.add_parser("config", help="print a resolved config (or, with --reference, every setting)", epilog=SETTINGS)
+    conf.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    conf.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    conf.add_argument("--reference", action="store_true", help="every setting with type, default, bounds and meaning (docs/config.md)")
+    conf.set_defaults(func=cmd_config)
     methods = sub.add_parser("methods", help="list the aggregation methods")
     methods.set_defaults(func=cmd_methods)
     compare = sub.add_parser("compare", help="run several methods over several seeds on the same partitions; table and plots")

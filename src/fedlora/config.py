@@ -89,7 +89,7 @@ class DataCfg(Section):
     classes_per_client: int = Field(2, ge=1, description="pathological: categories per client.")
     text_field: str | None = Field(None, description="Text column of a file with other names.")
     label_field: str | None = Field(None, description="Label column of a file with other names.")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data held out for its test split.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data held out for its test split; it must leave every client a training example.")
     global_test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of all data held out as the global test split.")
     max_examples: int | None = Field(None, ge=1, description="Seeded subset of the source (None = all).")
     global_test_seed: int | None = Field(
@@ -117,9 +117,9 @@ class TrainCfg(Section):
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass (gradient accumulation).")
     lr: float = Field(2e-4, gt=0, le=1.0, allow_inf_nan=False, description="AdamW learning rate, in (0, 1]: above 1 AdamW's steps overwhelm any LoRA.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the LoRA factors.")
     max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False, description="Gradient clipping.")
-    max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated).")
+    max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated); at most the model's context, checked when it loads.")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: the response only).")
     precision: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="Matrix multiplies of training and evaluation: float32, bfloat16 (autocast; float32 master weights), "
@@ -128,7 +128,7 @@ class TrainCfg(Section):
 
 class EvalCfg(Section):
     every: int = Field(1, ge=1, description="Evaluate every N rounds (and always after the last).")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Examples per evaluation forward pass.")
     max_examples: int | None = Field(64, ge=1, description="Cap on each test split (None = all).")
 
 

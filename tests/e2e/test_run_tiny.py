@@ -131,3 +131,20 @@ def test_version_flag_prints_the_installed_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedlora {version('fedlora')}"
+
+
+@pytest.mark.slow
+def test_final_adapter_says_what_trained_it_and_every_file_is_group_readable(tiny_run):
+    import stat
+
+    card = (tiny_run / "final" / "README.md").read_text()
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    before, after = lines[0]["eval"]["global"]["loss"], lines[-1]["eval"]["global"]["loss"]
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    assert "method `flora`, 3 clients with LoRA ranks [4, 2, 1]" in card and "2 of 2 rounds" in card
+    assert f"| global test loss | {before:.4f} | {after:.4f} |" in card and "chatterbot" in card
+    assert "[More Information Needed]" not in card  # PEFT's blank template is gone
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [p for p in tiny_run.rglob("*") if p.is_file()]:
+        assert stat.S_IMODE(f.stat().st_mode) & 0o666 == 0o666 & ~mask, f  # as the umask says (safetensors alone writes 0600)

@@ -60,6 +60,8 @@ def test_flora_is_compressed_within_the_printed_error(base, tmp_path, capsys):
     printed = capsys.readouterr().out
     e = json.loads((tmp_path / "out" / "fedlora_export.json").read_text())
     assert e["rank"] == 4 and e["exact_rank"] == 12 and f"{100 * e['max_layer_error']:.3f}%" in printed
+    card = (tmp_path / "out" / "README.md").read_text()  # what trained it, and what the export cost
+    assert "method `flora`" in card and "ranks [3, 2, 1]" in card and "rank 4 of 12" in card and f"{100 * e['max_layer_error']:.3f}%" in card
     peft_model = PeftModel.from_pretrained(_load(base), tmp_path / "out")
     layers = AdapterHost.lora_layers(peft_model)
     errors = {}

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlora.filemode import as_umask
+
 from fedlora.methods.state import pack, unpack
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ def save(folder: Path, server: Server, round: int, lines: int, last: dict[str, A
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
+    as_umask(tmp / "state.safetensors")
     _fsync(tmp / "state.safetensors")
     meta["sha256"] = sha256(tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(meta))

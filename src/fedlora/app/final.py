@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedlora.federation.server import Server
 from fedlora.model.export import save_adapter
+from fedlora.report.card import write_card
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ def save_final(server: Server, folder: Path) -> None:
     if exp.method.personal:
         for c in exp.clients:
             save_adapter(exp.host, server.own_model(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
+            write_card(folder / f"client-{c.id}", folder.parent, exp.cfg, str(exp.model_dir), client=c.id)
         log.info("final per-client adapters in %s", folder)
         return
     rank = save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))
+    write_card(folder, folder.parent, exp.cfg, str(exp.model_dir))
     log.info("final global adapter (rank %d, exact) in %s", rank, folder)

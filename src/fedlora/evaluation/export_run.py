@@ -18,6 +18,7 @@ import torch
 
 from fedlora.evaluation.runs import RunFolderError, open_run
 from fedlora.model.adapters import AdapterHost
+from fedlora.report.card import write_card
 from fedlora.model.export import exact_rank, load_adapter_delta, overall_error, save_adapter, save_merged, smallest_rank, spectra, truncate
 from fedlora.model.loading import load_causal_lm, resolve_model_dir, target_layer_shapes
 
@@ -82,6 +83,8 @@ def export_run(run_dir: str | Path, out: str | Path, rank: int | None = None, me
         errors[worst] if worst else 0.0, overall_error(specs, rank) if errors else 0.0, worst, str(base_dir),
     )
     (out / "fedlora_export.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    if not merged:
+        write_card(out, run.path, cfg, str(base_dir), client, note=f"Exported by `fedlora export`: {describe(result)}.")
     return result
 
 

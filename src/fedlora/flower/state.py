@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlora.filemode import as_umask
+
 FORMAT = 2
 
 
@@ -49,6 +51,7 @@ def save_state(folder: Path, version: int, base: dict[str, torch.Tensor]) -> Non
     if name:
         tmp = folder / (name + ".tmp")
         save_file({f"base/{layer}": t.detach().to("cpu").contiguous() for layer, t in base.items()}, str(tmp))
+        as_umask(tmp)
         os.replace(tmp, folder / name)
     index = folder / "state.json"
     tmp = folder / "state.json.tmp"
@@ -74,6 +77,7 @@ def save_kept(folder: Path, round: int, kept: dict[str, torch.Tensor]) -> None:
     final = folder / f"kept-r{round}.safetensors"
     tmp = folder / (final.name + ".tmp")
     save_file({k: t.detach().to("cpu").contiguous() for k, t in kept.items()}, str(tmp))
+    as_umask(tmp)
     os.replace(tmp, final)
     rounds = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _KEPT.fullmatch(p.name)))
     older = [r for r in rounds if r < round]

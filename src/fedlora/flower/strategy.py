@@ -210,5 +210,8 @@ def save_delta(delta: Delta, path: Path) -> None:
     """G_t − W_0 as its terms (``ops.delta_tensors``: ``<layer>/<j>/B|A``, or ``/W``) in one safetensors file."""
     from safetensors.torch import save_file
 
+    from fedlora.filemode import as_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: t.detach().contiguous().clone() for k, t in delta_to_tensors(delta).items()}, str(path))
+    as_umask(path)

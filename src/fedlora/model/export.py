@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from fedlora.filemode import as_umask
 from fedlora.methods.base import Delta, Factors
 from fedlora.model.adapters import ADAPTER, AdapterHost
 from fedlora.ops.lowrank import LowRank, compress, lowrank_svd, pad
@@ -56,6 +57,7 @@ def save_adapter(host: AdapterHost, delta: Delta, target_modules: list[str], fol
     with host.adapter(rank, 1.0, target_modules, init=factors, rank_pattern=pattern) as peft_model:
         peft_model.peft_config["default"].base_model_name_or_path = base_path
         peft_model.save_pretrained(folder, safe_serialization=True)
+    as_umask(folder)
     return rank
 
 
@@ -126,6 +128,7 @@ def save_merged(host: AdapterHost, delta: Delta, tokenizer: Any, folder: Path) -
     try:
         host.model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        as_umask(folder)
     finally:
         host.restore()
 

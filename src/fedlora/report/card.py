@@ -1,0 +1,61 @@
+"""The README.md of an adapter fedlora writes: what trained it and how well, in place of PEFT's blank template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import Config
+
+
+def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, run_name: str, client: int | None = None,
+                 note: str = "") -> str:
+    """Hub-style model card (YAML front matter for PEFT, then the run's method, data, schedule and held-out losses)."""
+    from fedlora.app.run_dir import provenance
+
+    f, d, t, lo = cfg.federation, cfg.data, cfg.train, cfg.lora
+    ranks = cfg.client_ranks()
+    first, last = metrics[0] if metrics else {}, metrics[-1] if metrics else {}
+    partition = d.partition + (f" (α = {d.alpha})" if d.partition in ("dirichlet", "quantity") else "")
+    prov = provenance()
+    commit = f" (commit {prov['commit'][:12]})" if prov["commit"] else ""
+    who = f"client {client}'s own model" if client is not None else "the global model"
+    lines = [
+        "---", f"base_model: {base_model}", "library_name: peft", f"tags: [fedlora, federated-learning, lora, {f.method}]", "---", "",
+        f"# {run_name}: {who}, federated LoRA ({f.method})", "",
+        f"Trained with fedlora {prov['fedlora_version'] or ''}{commit}: "
+        f"method `{f.method}`, {f.num_clients} clients with LoRA ranks {ranks} on {', '.join(lo.target_modules)}, "
+        f"{last.get('round', 0)} of {f.rounds} rounds, {f.fraction:.0%} of the clients per round, {t.local_steps} local AdamW steps "
+        f"of {t.batch_size} examples at lr {t.lr:g}, max length {t.max_length}, seed {cfg.seed}.", "",
+        f"Data: `{d.source}`, partition {partition} over `{d.by}`; {d.global_test_fraction:g} held out as the global test split, "
+        f"{d.test_fraction:g} of each client's share as its own.", "",
+    ]
+    table = _losses(first, last, client)
+    if table:
+        lines += ["| held-out | before round 1 | after the last round |", "|---|---|---|", *table, ""]
+    lines += [
+        "Load it with PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "<this folder>")', "```", "",
+    ]
+    if note:
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def _losses(first: dict[str, Any], last: dict[str, Any], client: int | None) -> list[str]:
+    rows = []
+    for name, get in (("global test loss", lambda e: (e.get("eval") or {}).get("global", {}).get("loss")),
+                      *([(f"client {client} test loss", lambda e: (e.get("eval") or {}).get("clients", {}).get(str(client), {}).get("loss"))]
+                        if client is not None else [])):
+        a, b = get(first), get(last)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            rows.append(f"| {name} | {a:.4f} | {b:.4f} |")
+    return rows
+
+
+def write_card(folder: Path, run_folder: Path, cfg: Config, base_model: str, client: int | None = None, note: str = "") -> None:
+    """``folder/README.md`` from the run's metrics.jsonl (what exists of it)."""
+    path = run_folder / "metrics.jsonl"
+    metrics = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    (folder / "README.md").write_text(adapter_card(cfg, metrics, base_model, run_folder.name, client, note))
