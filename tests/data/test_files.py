@@ -16,7 +16,7 @@ DOLLY = [
     {"instruction": "Sum 2 and 2.", "context": "", "response": "4", "category": "closed_qa"},
 ]
 DOLLY_EXAMPLES = [
-    Example("Who wrote it?\n\nHamlet is a play.", "Shakespeare.", "closed_qa", "chat"),
+    Example("Who wrote it?\n\nContext:\nHamlet is a play.", "Shakespeare.", "closed_qa", "chat"),
     Example("Name a colour.", "Blue.", "brainstorming", "chat"),
     Example("Sum 2 and 2.", "4", "closed_qa", "chat"),
 ]
@@ -133,3 +133,36 @@ def test_missing_label_is_an_error(tmp_path: Path) -> None:
     path.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": None}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"^data\.source: .*gaps\.jsonl record 1 is invalid \(field 'label' is empty\)"):
         load_examples(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_empty_or_blank_answers_are_skipped_and_counted_in_every_format(tmp_path: Path, fmt: str, caplog) -> None:
+    """Nothing to learn from an empty answer: skipped with a warning, the same for a JSON "" and an empty CSV cell."""
+    rows = [*DOLLY, {"instruction": "Say nothing.", "context": "", "response": "   ", "category": "x"},
+            {"instruction": "  ", "context": "", "response": "Orphan.", "category": "x"}]
+    target = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        rows[3]["response"] = ""  # an empty cell
+        datasets.Dataset.from_list(rows).to_csv(str(target), index=False)
+    else:
+        target.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert load_examples(str(target)) == DOLLY_EXAMPLES
+    assert any("Skipped 2 of 5 records" in m and "empty instruction or response" in m for m in caplog.messages), caplog.messages
+
+
+def test_a_file_of_only_empty_answers_is_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "d.jsonl"
+    target.write_text(json.dumps({"instruction": "Hi", "output": ""}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.source: every one of the 1 records .* has an empty instruction or output"):
+        load_examples(str(target))
+
+
+def test_a_file_without_categories_says_the_split_ignores_them(tmp_path: Path, caplog) -> None:
+    target = tmp_path / "alpaca.jsonl"
+    target.write_text("".join(json.dumps({"instruction": f"Q{i}", "input": "x" * i, "output": "A"}) + "\n" for i in range(3)), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        examples = load_examples(str(target))
+    assert examples[1].prompt == "Q1\n\nInput:\nx"  # Alpaca's input under its label, as the Alpaca template does
+    assert {e.category for e in examples} == {""}
+    assert any("no category field" in m and "data.by=" in m for m in caplog.messages), caplog.messages

@@ -98,7 +98,7 @@ def test_alpaca_json_list(tmp_path: Path) -> None:
         ],
     )
     assert load_examples(source) == [
-        Example("Add the numbers.\n\n2 and 3", "5", ""),
+        Example("Add the numbers.\n\nInput:\n2 and 3", "5", ""),
         Example("Say hi.", "Hi!", ""),
     ]
 
@@ -112,7 +112,7 @@ def test_dolly_jsonl(tmp_path: Path) -> None:
         ],
     )
     assert load_examples(source) == [
-        Example("Who wrote it?\n\nHamlet is a play.", "Shakespeare.", "closed_qa"),
+        Example("Who wrote it?\n\nContext:\nHamlet is a play.", "Shakespeare.", "closed_qa"),
         Example("Name a colour.", "Blue.", "brainstorming"),
     ]
 

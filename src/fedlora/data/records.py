@@ -173,8 +173,12 @@ def examples_from_records(
                 out.append(Example(pair[0], pair[1], category_of(record), schema.kind))
         except _RecordError as exc:
             raise DataError(f"data.source: {where} record {index} is invalid ({exc}); {ACCEPTED_FIELDS}") from None
+    if not out:
+        raise DataError(f"data.source: every one of the {len(records)} records of {where} has an empty {schema.text} (accepted: records with text)")
     if len(out) < len(records):
-        log.info("Skipped %d of %d records of %s with an empty %r", len(records) - len(out), len(records), where, schema.text)
+        log.warning("Skipped %d of %d records of %s with an empty %s (nothing to learn from)", len(records) - len(out), len(records), where, schema.text)
+    if category_of is _NO_CATEGORY and by == "category":
+        log.warning("%s has no category field: the partition deals its examples without categories (accepted: data.by=<a field> for a skewed split)", where)
     return out
 
 
@@ -184,11 +188,11 @@ def _detect(
     """Explicit text_field/label_field win; otherwise the field names decide."""
     if text_field is None and label_field is None:
         if "messages" in columns:
-            return _Schema(CHAT, _from_messages)
+            return _Schema(CHAT, _from_messages, text="user or assistant turn")
         if {"instruction", "output"} <= columns:
-            return _Schema(CHAT, _from_instruction("input", "output"))
+            return _Schema(CHAT, _from_instruction("input", "output", "Input"), text="instruction or output")
         if {"instruction", "response"} <= columns:
-            return _Schema(CHAT, _from_instruction("context", "response"))
+            return _Schema(CHAT, _from_instruction("context", "response", "Context"), text="instruction or response")
         if "text" not in columns:
             raise DataError(f"data.source: {where} record 0 has fields {sorted(columns)}; {ACCEPTED_FIELDS}")
     text = text_field or "text"
@@ -215,9 +219,14 @@ def _category_getter(
     else:
         raise DataError(f"data.by: {where} has no field {by!r} (accepted: category, label or one of {sorted(columns)})")
     if column is None:
-        return lambda record: ""
+        return _NO_CATEGORY
     names = class_names.get(column)
     return lambda record: _name(record.get(column), names, column)
+
+
+def _NO_CATEGORY(record: Mapping[str, Any]) -> str:
+    """The category of every example of a source without one."""
+    return ""
 
 
 def _name(value: Any, names: Sequence[str] | None, field: str) -> str:
@@ -231,34 +240,40 @@ def _name(value: Any, names: Sequence[str] | None, field: str) -> str:
     return str(value)
 
 
-def _field(record: Mapping[str, Any], name: str, *, required: bool = True) -> str:
+def _field(record: Mapping[str, Any], name: str, *, required: bool = True, empty_ok: bool = False) -> str:
+    """A string field; an absent optional one, or (``empty_ok``) a null or an empty table cell (NaN), is ""."""
     if name not in record:
         if required:
             raise _RecordError(f"missing field {name!r}")
         return ""
     value = record[name]
-    if value is None and not required:
+    if (value is None or (isinstance(value, float) and value != value)) and (empty_ok or not required):
         return ""
     if not isinstance(value, str):
         raise _RecordError(f"field {name!r} is a {type(value).__name__}, not a string")
     return value
 
 
-def _join(instruction: str, extra: str) -> str:
-    return f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
+def _join(instruction: str, extra: str, label: str) -> str:
+    """The instruction, then the extra text under its label (Alpaca's "Input:", Dolly's "Context:"), so a model
+    can tell what to do from what to read."""
+    return f"{instruction.strip()}\n\n{label}:\n{extra.strip()}" if extra.strip() else instruction.strip()
 
 
-def _from_instruction(extra: str, answer: str) -> Callable[[Mapping[str, Any], _Schema], tuple[str, str]]:
-    """Alpaca {instruction, input?, output} and Dolly {instruction, context?, response}."""
+def _from_instruction(extra: str, answer: str, label: str) -> Callable[[Mapping[str, Any], _Schema], tuple[str, str] | None]:
+    """Alpaca {instruction, input?, output} and Dolly {instruction, context?, response}; None (skipped, counted) when
+    the instruction or the answer is empty or only whitespace: there is nothing to learn from it."""
 
-    def convert(record: Mapping[str, Any], schema: _Schema) -> tuple[str, str]:
-        prompt = _join(_field(record, "instruction"), _field(record, extra, required=False))
-        return prompt, _field(record, answer).strip()
+    def convert(record: Mapping[str, Any], schema: _Schema) -> tuple[str, str] | None:
+        instruction, response = _field(record, "instruction", empty_ok=True), _field(record, answer, empty_ok=True).strip()
+        if not instruction.strip() or not response:
+            return None
+        return _join(instruction, _field(record, extra, required=False), label), response
 
     return convert
 
 
-def _from_messages(record: Mapping[str, Any], schema: _Schema) -> tuple[str, str]:
+def _from_messages(record: Mapping[str, Any], schema: _Schema) -> tuple[str, str] | None:
     """Last assistant turn → response; the last user turn before it → prompt."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
@@ -270,7 +285,8 @@ def _from_messages(record: Mapping[str, Any], schema: _Schema) -> tuple[str, str
     users = [i for i in range(last_assistant) if roles[i] == "user"]
     if not users:
         raise _RecordError("no user turn before the last assistant turn in 'messages'")
-    return _field(messages[users[-1]], "content").strip(), _field(messages[last_assistant], "content").strip()
+    prompt, answer = _field(messages[users[-1]], "content").strip(), _field(messages[last_assistant], "content").strip()
+    return (prompt, answer) if prompt and answer else None
 
 
 def _text(record: Mapping[str, Any], schema: _Schema) -> str | None:
