@@ -122,3 +122,15 @@ def test_method_errors_come_before_transformers_and_the_data_load(tmp_path, over
     assert out.stdout.split() == ["rc", "2", "False", "False"], out.stdout + out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith("error:")], out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_clients_without_a_test_example_are_named_in_a_warning_and_scored_null(model_dir, tmp_path, caplog):
+    import json
+
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model_dir}", f"output.dir={tmp_path / 'run'}", "output.save_final=false",
+            "data.test_fraction=0", "federation.rounds=1", "train.local_steps=1", "data.max_examples=30"]
+    with caplog.at_level("WARNING", logger="fedlora"):
+        assert main(args) == 0
+    assert any("clients 0, 1, 2 hold no test example" in m and "data.test_fraction=0" in m for m in caplog.messages), caplog.messages
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["eval"]["clients"]["0"]["loss"] is None and first["eval"]["global"]["loss"] > 0

@@ -137,6 +137,13 @@ def prepare(cfg: Config) -> Experiment:
             f"data.test_fraction: {cfg.data.test_fraction} leaves client {empty[0]} ({len(empty)} in all) no training example "
             f"(accepted: a smaller data.test_fraction, a larger data.min_size, or another data.partition)"
         )
+    if untested := [c.id for c in clients if not c.test]:
+        log.warning("client%s %s hold%s no test example (data.test_fraction=%g of too few): %s test loss is NaN, null in metrics.jsonl "
+                    "(for one: a larger data.test_fraction or data.min_size)", "s" if len(untested) > 1 else "",
+                    ", ".join(map(str, untested)), "" if len(untested) > 1 else "s", cfg.data.test_fraction, "their" if len(untested) > 1 else "its")
+    if not global_test:
+        log.warning("the global test split is empty (data.global_test_fraction=%g): the global loss is NaN (for one: a larger "
+                    "data.global_test_fraction)", cfg.data.global_test_fraction)
     info["tokenize"] = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
     if cfg.model.task == "classification":
         info["labels"] = labels
