@@ -100,8 +100,8 @@ class DataCfg(Section):
 
 class FederationCfg(Section):
     method: str = Field("flora", description="Aggregation method (see `fedlora methods`).")
-    rounds: int = Field(3, ge=1, description="Communication rounds.")
-    num_clients: int = Field(10, ge=1, description="Number of clients.")
+    rounds: int = Field(3, ge=1, le=1_000_000, description="Communication rounds.")
+    num_clients: int = Field(10, ge=1, le=1_000_000, description="Number of clients.")
     fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
     min_clients: int = Field(1, ge=1, description="At least this many clients per round.")
     options: dict[str, Any] = Field(default_factory=dict, description="Method options, e.g. weights: uniform.")
@@ -113,7 +113,7 @@ class FederationCfg(Section):
 
 
 class TrainCfg(Section):
-    local_steps: int = Field(4, ge=1, description="Optimizer steps per client per round.")
+    local_steps: int = Field(4, ge=1, le=10_000_000, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass (gradient accumulation).")
     lr: float = Field(2e-4, gt=0, le=1.0, allow_inf_nan=False, description="AdamW learning rate, in (0, 1]: above 1 AdamW's steps overwhelm any LoRA.")
