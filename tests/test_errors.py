@@ -31,7 +31,8 @@ CASES = [
     (["data.source=/nonexistent/data.jsonl"], ["data.source", "/nonexistent/data.jsonl"]),
     (["lora.target_modules=[q_proj,nope_proj]"], ["lora.target_modules", "nope_proj", "found: ['q_proj']"]),
     (["lora.rank=20"], ["lora.ranks", "rank 20", "accepted: 1..16"]),  # v_proj of the tiny model is 16×32
-    (["data.max_examples=2"], ["federation.num_clients", "3 clients", "accepted: "]),  # fewer examples than clients
+    (["data.max_examples=2"], ["federation.num_clients", "3 clients", "accepted: a smaller data.min_size, or more data"]),  # fewer examples than clients
+    (["train.max_length=8"], ["train.max_length", "8 tokens leaves 0 of", "no answer token", "accepted: a larger train.max_length"]),
     (EMPTY_TRAIN, ["data.test_fraction", "0.6", "no training example", "accepted: "]),  # an empty partition
     # values that would make a run meaningless
     (["train.lr=inf"], ["train.lr", "finite number", "'inf'"]),

@@ -10,7 +10,8 @@ Both files are written in a temporary folder, fsynced, and the folder is renamed
 so a process killed at any point leaves either the complete checkpoint or none; the newest
 ``round-<t>`` folder is the one to resume from, and only the last ``KEEP`` are kept.
 
-A checkpoint verifies itself: ``state.json`` holds the SHA-256 of ``state.safetensors``. A
+A checkpoint verifies itself: ``state.json`` holds the SHA-256 of ``state.safetensors`` and of
+its own content. A
 resume checks the newest checkpoint first; a damaged one (a file missing, truncated, or a byte
 changed) is named in one warning line and the one before is used; with none intact the resume
 stops with one line before anything in the run folder changes.
@@ -33,7 +34,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.filemode import as_umask
-
 from fedlora.methods.state import pack, unpack
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class CheckpointError(ValueError):
     """No checkpoint a run can resume from; nothing in the run folder was changed."""
 
-FORMAT = 2
+FORMAT = 3  # 3: state.json carries the SHA-256 of itself as well as of state.safetensors
 KEEP = 2
 _NAME = re.compile(r"round-(\d+)")
 
@@ -98,7 +98,7 @@ def save(folder: Path, server: Server, round: int, lines: int, last: dict[str, A
     as_umask(tmp / "state.safetensors")
     _fsync(tmp / "state.safetensors")
     meta["sha256"] = sha256(tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps({**meta, "json_sha256": _json_digest(meta)}))
     _fsync(tmp / "state.json")
     _fsync(tmp)
     if final.exists():  # a round redone after a resume from an older checkpoint
@@ -128,14 +128,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _json_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the skeleton itself: a changed byte that leaves it valid JSON is caught too."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def damage(path: Path) -> str | None:
     """Why the checkpoint in ``path`` cannot be trusted (one phrase), or None when it is intact."""
     try:
         meta = json.loads((path / "state.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"state.json unreadable ({type(e).__name__})"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
-        return f"state.json is not a format-{FORMAT} checkpoint with a checksum"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta or "json_sha256" not in meta:
+        return f"state.json is not a format-{FORMAT} checkpoint with its checksums"
+    if _json_digest({k: v for k, v in meta.items() if k != "json_sha256"}) != meta["json_sha256"]:
+        return "state.json does not match its SHA-256"
     tensors = path / "state.safetensors"
     if not tensors.is_file():
         return "state.safetensors missing"

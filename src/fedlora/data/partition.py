@@ -56,9 +56,10 @@ def partition(
         raise DataError(f"data.alpha: invalid value {alpha!r} (accepted: a number > 0)")
     n = len(categories)
     if n < num_clients * min_size:
+        fits = f"federation.num_clients <= {n // min_size}, " if n // min_size >= 1 else ""
         raise DataError(
-            f"federation.num_clients: {num_clients} clients x {min_size} examples each needs {num_clients * min_size} "
-            f"examples but the data has {n} (accepted: num_clients <= {n // min_size}, or a smaller data.min_size)"
+            f"federation.num_clients: {num_clients} clients x {min_size} examples each need {num_clients * min_size} "
+            f"examples but {n} are left to partition (accepted: {fits}a smaller data.min_size, or more data)"
         )
     labels = [str(c) for c in categories]
     rng = np.random.default_rng(seed)

@@ -131,6 +131,11 @@ def prepare(cfg: Config) -> Experiment:
     dropped = set(stats.dropped_indices)
     examples = [e for i, e in enumerate(examples) if i not in dropped]  # prompts longer than max_length
     log.info(stats.summary(length))
+    if dropped and len(examples) < cfg.federation.num_clients * cfg.data.min_size:
+        raise ConfigError(
+            f"train.max_length: {length} tokens leaves {len(examples)} of {stats.total} examples ({len(dropped)} have no answer token "
+            f"within it) (accepted: a larger train.max_length)"
+        )
     clients, global_test, info = split_clients(cfg, examples, tokenized)
     if empty := [c.id for c in clients if not c.train]:
         raise DataError(
