@@ -82,7 +82,8 @@ class LocalTrainer:
                 torch.manual_seed(run_seed)  # dropout draws are a function of (seed, round, client)
                 if plan.head:
                     self.host.set_head(plan.head, trainable=True)
-                penalties = [lambda: regularizer(self.host.live_factors(peft_model))] if regularizer else []
+                live = self.host.live_factors(peft_model) if regularizer else {}  # the same parameters every step: looked up once
+                penalties = [lambda: regularizer(live)] if regularizer else []
                 if self.extra_penalty(peft_model) is not None:
                     penalties.append(lambda: self.extra_penalty(peft_model))
                 penalty = (lambda: sum(p() for p in penalties)) if penalties else None
@@ -103,28 +104,29 @@ class LocalTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, seed)
+        targets = [task.targets(e) for e in train]  # loss terms per example, counted once per client
         model.train()
         losses, real, padded = [], 0, 0
         for step in range(cfg.local_steps):
             batch = batches[step % len(batches)]
-            n_answer = sum(task.targets(train[i]) for i in batch)
-            total = 0.0
+            n_answer = max(sum(targets[i] for i in batch), 1)
+            total = torch.zeros((), device=self.device)
             for start in range(0, len(batch), cfg.micro_batch_size):
                 mb = task.collate([train[i] for i in batch[start : start + cfg.micro_batch_size]], self.pad_id)
                 real, padded = real + mb.real_tokens, padded + mb.padded_tokens
                 with self.autocast():
                     loss_sum, _ = task.loss_sum(model, mb, self.device)
-                (loss_sum / max(n_answer, 1)).backward()
-                total += float(loss_sum.detach())
+                (loss_sum / n_answer).backward()
+                total += loss_sum.detach().float()  # stays on the device: no sync per micro-batch
             if penalty is not None:
                 penalty().backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             self.after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
-            losses.append(total / max(n_answer, 1))
+            losses.append(total / n_answer)
             if on_step:
-                on_step(losses[-1])
+                on_step(float(losses[-1]))  # the progress bar's one sync per step
         model.eval()
-        mean = sum(losses) / len(losses) if losses else math.nan
+        mean = float(torch.stack(losses).double().mean()) if losses else math.nan
         return FitStats(train_loss=mean, steps=len(losses), real_tokens=real, padded_tokens=padded)

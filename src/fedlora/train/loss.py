@@ -14,12 +14,15 @@ import torch.nn.functional as F
 def answer_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Σ cross-entropy over positions whose next token is an answer token, and their count.
 
-    input_ids, attention_mask, labels: (b, L); labels are −100 on prompt and padding.
+    input_ids, attention_mask, labels: (b, L); labels are −100 on prompt and padding. Labels on the
+    CPU (as collated) keep the count off the accelerator: no device sync per micro-batch.
     """
     targets = labels[:, 1:]  # (b, L−1): the token each position predicts
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != -100  # (b, L)
     count = int(keep.sum())
+    device = input_ids.device
+    keep, targets = keep.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax in full precision

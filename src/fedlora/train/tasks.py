@@ -43,7 +43,7 @@ class CausalLM:
         return sum(1 for y in example.labels[1:] if y != -100)
 
     def loss_sum(self, model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
-        return answer_loss_sum(model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
+        return answer_loss_sum(model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels)  # labels stay on the CPU
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
@@ -106,14 +106,14 @@ def _batches(task: Task, examples: Sequence[Any], batch_size: int, pad_id: int):
 
 
 def _sum_over(task: Task, model: torch.nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, device: torch.device) -> tuple[float, int]:
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device), 0
     was_training = model.training
     model.eval()
     for batch in _batches(task, examples, batch_size, pad_id):
         s, n = task.loss_sum(model, batch, device)
-        total, count = total + float(s), count + n
+        total, count = total + s.detach(), count + n  # summed on the device: one sync for the split, not one per batch
     model.train(was_training)
-    return total, count
+    return float(total), count
 
 
 TASKS: dict[str, type] = {"causal_lm": CausalLM, "classification": Classification}
