@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rich.console import Console  # noqa: E402
 from rich.logging import RichHandler  # noqa: E402
+from rich.markup import escape  # noqa: E402
 
 from fedlora.config import ConfigError, load_config, packaged_config  # noqa: E402
 from fedlora.app.run_dir import resume_config  # noqa: E402
@@ -55,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.app.checkpoint import run_with_checkpoints
     from fedlora.app.final import save_final
     from fedlora.app.run_dir import RunDir, default_run_dir, finished, lock, summarize
+    from fedlora.app.trackers import Trackers
     if args.resume:
         held = lock(Path(args.resume))  # noqa: F841 - until this process ends
         if finished(Path(args.resume), cfg.federation.rounds):
@@ -71,9 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.write_config(cfg)
         run.write_partition(exp.partition_info)
     log.info("run folder: %s", run.path)
-    with rich_hooks(console, cfg) as hooks:
-        sim = Simulation(exp, hooks)
-        run_with_checkpoints(sim, run, resume_run=bool(args.resume))
+    trackers = Trackers(cfg.output.trackers, run.path, cfg)
+    run.listeners.append(trackers)
+    try:
+        with rich_hooks(console, cfg) as hooks:
+            sim = Simulation(exp, hooks)
+            run_with_checkpoints(sim, run, resume_run=bool(args.resume))
+    finally:
+        trackers.close()
     if cfg.output.save_final:
         save_final(sim.server, run.path / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
@@ -152,7 +159,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     try:
         from fedlora.flower.launch import main as launch
     except ImportError:
-        console.print("[bold red]error:[/] fedlora deploy needs Flower (accepted: pip install -e \".[flower]\" in the fedlora checkout)")
+        console.print("[bold red]error:[/] " + escape("fedlora deploy needs Flower (accepted: pip install -e \".[flower]\" in the fedlora checkout)"))
         return 2
     argv = ["--config", args.config] if args.config else []
     for flag in ("output", "workdir", "resume"):
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # brackets in it are text, not markup
         return 2
 
 

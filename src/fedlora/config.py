@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -48,9 +48,16 @@ class LoraCfg(Section):
 
     @field_validator("ranks", "target_modules", "scale", mode="before")
     @classmethod
-    def _comma_list(cls, v: Any) -> Any:
-        if isinstance(v, str) and "," in v:
+    def _comma_list(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, str) and ("," in v or info.field_name == "target_modules"):  # one name alone too: all-linear
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if "all-linear" in v and len(v) > 1:
+            raise ValueError(f"'all-linear' (every Linear layer but the output head) stands alone, got {v} (accepted: all-linear, or layer names)")
         return v
 
     @field_validator("scale")
@@ -135,6 +142,9 @@ class EvalCfg(Section):
 class OutputCfg(Section):
     dir: str | None = Field(None, description="Run folder; default runs/<timestamp>-<method>.")
     save_final: bool = Field(True, description="Write the final global weights/adapter under final/.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that also get every round's metrics, offline in the run folder (pip install -e \".[trackers]\").",
+    )
 
 
 class Config(Section):

@@ -68,7 +68,7 @@ def test_unknown_scheme() -> None:
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological", "quantity"])
 def test_too_many_clients(scheme: str) -> None:
-    with pytest.raises(DataError, match=r"^federation\.num_clients: 6 clients x 2 examples .* data has 11"):
+    with pytest.raises(DataError, match=r"^federation\.num_clients: 6 clients x 2 examples .* but 11 are left to partition \(accepted: federation.num_clients <= 5, "):
         partition(CATEGORIES[:11], 6, scheme)
     with pytest.raises(DataError, match=r"^federation\.num_clients: invalid value 0"):
         partition(CATEGORIES, 0, scheme)
@@ -179,7 +179,7 @@ def test_quantity_and_settings_errors() -> None:
         partition(CATEGORIES, 4, "quantity", alpha=-1)
     with pytest.raises(DataError, match=r"^data\.min_size: invalid value 0 \(accepted: an integer >= 1\)$"):
         partition(CATEGORIES, 4, "iid", min_size=0)
-    with pytest.raises(DataError, match=r"^federation\.num_clients: 10 clients x 50 examples .*or a smaller data\.min_size\)$"):
+    with pytest.raises(DataError, match=r"^federation\.num_clients: 10 clients x 50 examples .*a smaller data\.min_size, or more data\)$"):
         partition(CATEGORIES, 10, "quantity", min_size=50)
     with pytest.raises(DataError, match=r"^data\.min_size: data\.partition=pathological gives client \d only 10 examples, fewer than data\.min_size=20"):
         partition(["a"] * 100 + ["b"] * 100 + ["c"] * 10, 3, "pathological", classes_per_client=1, min_size=20, seed=0)

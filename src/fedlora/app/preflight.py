@@ -11,8 +11,11 @@ from fedlora.config import Config
 
 
 def preflight(cfg: Config) -> None:
-    """Raise the method's one-line error for ``cfg`` now, if it has one."""
+    """Raise the method's one-line error for ``cfg`` now, if it has one; and a tracker's that is not installed."""
+    from fedlora.app.trackers import check_installed
     from fedlora.methods import Setup, build_method
+
+    check_installed(cfg.output.trackers)
 
     ranks = cfg.client_ranks()
     widest = max([*ranks, *(r for p in cfg.client_rank_patterns().values() for r in p.values())])

@@ -12,7 +12,7 @@ import os
 import resource
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedlora.config import Config, ConfigError, to_yaml
 
@@ -80,6 +80,7 @@ class RunDir:
             raise ConfigError(f"output.dir: cannot create {path} ({e.strerror or type(e).__name__}) (accepted: a folder path you can write to)") from None
         self.metrics = path / "metrics.jsonl"
         self.checkpoints = path / "checkpoints"
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # e.g. experiment trackers: each entry once it is on disk
 
     def rewrite_metrics(self, metrics: list[dict[str, Any]]) -> None:
         """metrics.jsonl := the given entries (a resumed run drops lines of rounds after its checkpoint)."""
@@ -101,6 +102,8 @@ class RunDir:
             f.write(json.dumps(clean_json(entry)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(entry)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]

@@ -15,7 +15,7 @@ from fedlora.config import Config, ConfigError
 from fedlora.data import DataError, TokenizeStats, label_names_of, load_examples, partition, tokenize_examples, tokenize_for_classification, train_test_split
 from fedlora.methods import Method, Setup, build_method
 from fedlora.model.adapters import AdapterHost
-from fedlora.model.loading import head_modules, load_causal_lm, load_classifier, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
+from fedlora.model.loading import ALL_LINEAR, head_modules, load_causal_lm, load_classifier, meta_layer_shapes, pick_device, pick_dtype, resolve_model_dir
 from fedlora.train.adalora import AdaLoraTrainer
 from fedlora.train.local import LocalTrainer
 from fedlora.train.tasks import CausalLM, Classification
@@ -54,7 +54,7 @@ def check_model(cfg: Config) -> tuple[Path, dict[str, tuple[int, int]]]:
     if not shapes:
         raise ConfigError(f"lora.target_modules: no Linear layer named {cfg.lora.target_modules} in {model_dir.name} (accepted: e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     found = {n.rsplit(".", 1)[-1] for n in shapes}
-    if missing := [m for m in cfg.lora.target_modules if m not in found]:
+    if missing := [m for m in cfg.lora.target_modules if m not in found and m != ALL_LINEAR]:
         raise ConfigError(f"lora.target_modules: {missing} not found in {model_dir.name} (found: {sorted(found)})")
     context = meta.get("max_position_embeddings")  # the model's longest sequence, when its config says
     if isinstance(context, int) and context > 0 and cfg.train.max_length > context:

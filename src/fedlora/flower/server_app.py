@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
 
     from fedlora.app import checkpoint
     from fedlora.app.run_dir import RunDir, lock, resume_config, summarize
+    from fedlora.app.trackers import Trackers
     from fedlora.config import build_config, to_yaml
     from fedlora.federation.experiment import prepare
     from fedlora.federation.server import Server
@@ -68,7 +69,12 @@ def main(grid: Grid, context: Context) -> None:
         server, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
         checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=run_key(out), deltas=settings.checkpoint_deltas,
     )
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds - start, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
+    trackers = Trackers(cfg.output.trackers, out, cfg)
+    run.listeners.append(trackers)
+    try:
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds - start, timeout=settings.round_timeout, evaluate_fn=strategy.evaluate)
+    finally:
+        trackers.close()
     if cfg.output.save_final:
         from fedlora.app.final import save_final
 

@@ -17,6 +17,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedlora.methods.base import BaseUpdate, Delta, Factors
+from fedlora.model.loading import ALL_LINEAR
 from fedlora.ops.lowrank import accumulate, accumulation_dtype
 
 ADAPTER = "default"
@@ -141,7 +142,11 @@ class AdapterHost:
         A fresh adapter draws A with PEFT's own init under ``seed`` (B = 0); ``init`` overrides
         both factors. The base model comes back without LoRA layers; its weights are untouched.
         With ``adalora`` the layers are PEFT AdaLoRA layers (fresh only: no init, no rank_pattern).
+        ``[all-linear]`` becomes this host's layers by their full names, as PEFT itself resolves it
+        (so a saved adapter_config.json names concrete modules).
         """
+        if ALL_LINEAR in target_modules:
+            target_modules = list(self.layer_names)
         pattern = {f"^{re.escape(n)}": r for n, r in (rank_pattern or {}).items()}
         if adalora is not None:
             assert init is None and not pattern, "AdaLoRA adapters start fresh at one rank"

@@ -120,8 +120,23 @@ def head_modules(model: torch.nn.Module) -> list[str]:
     return [n for n in ("classifier", "score") if n in names]
 
 
+ALL_LINEAR = "all-linear"  # lora.target_modules: PEFT's shorthand for every Linear layer but the output head
+
+
 def target_layer_shapes(model: torch.nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
-    """Every nn.Linear whose last name component is a target: name → (d_out, d_in)."""
+    """Every nn.Linear whose last name component is a target: name → (d_out, d_in).
+
+    ``[all-linear]``: every nn.Linear, as PEFT resolves the shorthand, but the output head
+    (``get_output_embeddings``, e.g. a tied ``lm_head``) and a classifier's task head (trained densely).
+    """
+    if ALL_LINEAR in target_modules:
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        heads = tuple(f"{h}." for h in head_modules(model))
+        return {
+            name: (module.out_features, module.in_features)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not out and not f"{name}.".startswith(heads)
+        }
     shapes = {
         name: (module.out_features, module.in_features)
         for name, module in model.named_modules()
