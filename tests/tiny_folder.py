@@ -18,10 +18,10 @@ MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "[I
            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # chat-turn markers: one token each, after the BPE's 384
 
 
-def _chat(user: str, user_end: str, assistant: str, assistant_end: str, bos: str = "") -> str:
-    """A jinja chat template: ``bos``, then each turn as header + content + end; a generation prompt opens the assistant's turn."""
+def _chat(user: str, user_end: str, assistant: str, assistant_end: str) -> str:
+    """A jinja chat template: each turn as header + content + end; a generation prompt opens the assistant's turn."""
     return (
-        bos + "{% for m in messages %}{% if m['role'] == 'user' %}" + user + "{{ m['content'] }}" + user_end
+        "{% for m in messages %}{% if m['role'] == 'user' %}" + user + "{{ m['content'] }}" + user_end
         + "{% else %}" + assistant + "{{ m['content'] }}" + assistant_end + "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}" + assistant + "{% endif %}"
     )
@@ -69,24 +69,33 @@ def tokenizer_for(family: str | None = None):
     return tokenizer
 
 
+HEAD = {"head_dim": 8}
+CLASSES = {  # family → (config class, model class, what the family needs beyond the common settings)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # biased q/k/v
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**HEAD, "tie_word_embeddings": True}),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**HEAD, "sliding_window": 64}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**HEAD, "query_pre_attn_scalar": 8, "sliding_window": 64}),  # soft-capped logits
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**HEAD, "query_pre_attn_scalar": 8, "sliding_window": 64}),  # text-only
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj, gate_up_proj
+}
+
+
+def missing_class(family: str) -> str | None:
+    """The family's class this transformers lacks, or None."""
+    import transformers as tf
+
+    return next((f"transformers {tf.__version__} has no {c}" for c in CLASSES[family][:2] if not hasattr(tf, c)), None)
+
+
 def family_model(family: str, vocab_size: int) -> torch.nn.Module:
     """A random-weight model of ``family`` (seeded)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
-    head = dict(head_dim=8)
-    configs = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # biased q/k/v
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**head, "tie_word_embeddings": True}),  # q/k norms
-        "mistral": ("MistralConfig", "MistralForCausalLM", {**head, "sliding_window": 64}),
-        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**head, "query_pre_attn_scalar": 8, "sliding_window": 64}),  # soft-capped logits
-        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**head, "query_pre_attn_scalar": 8, "sliding_window": 64}),
-        "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj, gate_up_proj
-    }
-    config_name, model_name, extra = configs[family]
-    config = getattr(tf, config_name)(**common, **extra)
+    config_name, model_name, extra = CLASSES[family]
+    config = getattr(tf, config_name)(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+                                      **extra)
     torch.manual_seed(0)
     return getattr(tf, model_name)(config)
 

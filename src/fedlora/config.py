@@ -37,7 +37,7 @@ class LoraCfg(Section):
     ranks: list[int] | None = Field(None, description="One LoRA rank per client (heterogeneous).")
     rank: int | None = Field(None, description="One rank for all clients; overrides ranks.")
     scale: float | list[float] = Field(2.0, description="s = lora_alpha / r; a list gives each client its own s_k.")
-    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Linear layers that get LoRA.")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Linear layers that get LoRA (module-name suffixes), or all-linear: every Linear but the output head, as peft defines it.")
     rank_patterns: dict[str, int | list[int]] = Field(
         default_factory=dict, description="Per-layer ranks: module-name suffix (e.g. mlp.down_proj) → one rank, or one per client."
     )
