@@ -41,8 +41,11 @@ def flexlora_svd(doc: dict) -> list[str]:
 
 def train_throughput(doc: dict) -> list[str]:
     r = doc["results"]
-    return [f"{r['steps']} steps × batch {r['batch_size']} ({r['tokens_per_run']} real tokens per run), rank {r['rank']}, {r['repeats']} runs each: "
-            f"fedlora {r['fedlora_tokens_per_s']:.1f} tok/s, plain PEFT {r['plain_peft_tokens_per_s']:.1f} tok/s, ratio **{r['ratio']:.3f}**."]
+    out = [f"{r['steps']} steps × batch {r['batch_size']}, rank {r['rank']}, {r['repeats']} runs of each side at each precision:", "",
+           "| precision | real tokens per run | fedlora tok/s | plain PEFT tok/s | ratio |", "|---|---|---|---|---|"]
+    for name, x in r["precisions"].items():
+        out.append(f"| {name} | {x['tokens_per_run']} | {x['fedlora_tokens_per_s']:.1f} | {x['plain_peft_tokens_per_s']:.1f} | **{x['ratio']:.3f}** |")
+    return out
 
 
 def memory_clients(doc: dict) -> list[str]:

@@ -35,8 +35,9 @@ fed_utils/evaluation.py: the model's device instead of ``'cuda'``, CPU autocast 
 with ``--precision bfloat16``), no division by zero for MMLU subjects absent from the subset.
 At run time: ``TrainingArguments`` gets ``eval_strategy`` for ``evaluation_strategy``,
 ``train_sampling_strategy`` for ``group_by_length``, ``fp16=False`` (``bf16`` with
-``--precision bfloat16``), ``max_steps``, ``report_to="none"``; ``fire`` (unused when imported)
-is stubbed.
+``--precision bfloat16``), ``max_steps``, ``report_to="none"``, ``save_strategy="no"`` (transformers
+≥ 4.43 saves a checkpoint when "steps" training ends; the reference's 4.40 with ``save_steps``
+5,000,000 never saved); ``fire`` (unused when imported) is stubbed.
 
     .venv/bin/python bench/vs_reference.py --reference /path/to/FederatedLLM [--rounds 2] [--local-steps 3]
         [--clients 3 --ranks 8,4,2] [--batch-size 8] [--micro-batch-size 8] [--cutoff 128] [--threads 2]
@@ -138,23 +139,25 @@ def child_reference(spec_path: str) -> int:
 
     bf16 = spec["precision"] == "bfloat16"
     os.environ["VSREF_BF16"] = "1" if bf16 else "0"
-    original_args = transformers.TrainingArguments
+    original_init = transformers.TrainingArguments.__init__  # the class's own: transformers re-binds its module attributes
 
-    def training_arguments(*a: Any, **kw: Any) -> Any:
+    def training_arguments(self: Any, *a: Any, **kw: Any) -> None:
         if "evaluation_strategy" in kw:
             kw["eval_strategy"] = kw.pop("evaluation_strategy")
         if "group_by_length" in kw:
             kw["train_sampling_strategy"] = "group_by_length" if kw.pop("group_by_length") else "random"
-        kw.update(fp16=False, bf16=bf16, max_steps=spec["local_steps"], report_to="none", use_cpu=True, disable_tqdm=True)
-        return original_args(*a, **kw)
+        kw.update(fp16=False, bf16=bf16, max_steps=spec["local_steps"], report_to="none", use_cpu=True, disable_tqdm=True,
+                  save_strategy="no")  # transformers >= 4.43 saves a checkpoint at the end of "steps" training; its 4.40 never did
+        original_init(self, *a, **kw)
 
-    transformers.TrainingArguments = training_arguments
+    transformers.TrainingArguments.__init__ = training_arguments
     rec: dict[str, Any] = {"steps": [], "train": [], "eval": [], "round_starts": []}
     original_step = transformers.Trainer.training_step
 
     def training_step(self: Any, model: Any, inputs: dict, *a: Any, **kw: Any) -> Any:
         mask = inputs["attention_mask"]
         rec["steps"].append([int(mask.sum()), int(mask.numel())])
+        rec.setdefault("threads_in_training", torch.get_num_threads())
         return original_step(self, model, inputs, *a, **kw)
 
     transformers.Trainer.training_step = training_step
@@ -254,6 +257,7 @@ def child_fedlora(stats_path: str, threads: int, argv: list[str]) -> int:
         update, stats = original_fit(self, plan, train, *a, **kw)
         rec["fits"].append({"round": plan.round, "client": plan.client, "s": time.perf_counter() - t0, "steps": stats.steps,
                             "real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens})
+        rec.setdefault("threads_in_training", torch.get_num_threads())
         return update, stats
 
     def evaluate(self: Any, number: int = 0) -> Any:
@@ -277,11 +281,15 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, limit_s
     t0 = time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            child.wait(timeout=limit_s)  # reaps nothing: wait4 below collects the status and the usage
-        except subprocess.TimeoutExpired:
-            child.kill()
-        _, status, usage = os.wait4(child.pid, 0)
+        while True:  # wait4, not Popen.wait: it gives this child's own peak RSS
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > limit_s:
+                child.kill()
+                _, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.2)
     child.returncode = os.waitstatus_to_exitcode(status)
     return child.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024
 
@@ -302,9 +310,11 @@ def summarize_reference(rec: dict[str, Any], rounds: int) -> dict[str, Any]:
         "real_tokens": real, "tokens": total, "padded_fraction": 1 - real / total if total else 0.0,
         "micro_batches": sum(t["micro_batches"] for t in rec["train"]), "train_s": train_s,
         "real_tokens_per_s": real / train_s if train_s else 0.0,
+        "real_tokens_per_s_round_without_eval": real / (sum(walls) - sum(evals)),
         "round_wall_s": walls, "round_train_s": trains, "round_eval_s": evals,
         "eval_share": [e / w for e, w in zip(evals, walls)],
-        "mmlu_acc": [e["acc"] for e in rec["eval"]], "before_rounds_s": rec["round_starts"][0] - rec["t0"] if rec["round_starts"] else None,
+        "mmlu_acc_mean_of_57_subjects": [e["acc"] for e in rec["eval"]],  # its own figure: a subject absent from the subset counts 0
+        "threads_in_training": rec.get("threads_in_training"), "before_rounds_s": rec["round_starts"][0] - rec["t0"] if rec["round_starts"] else None,
         "clients": rec["train"],
     }
 
@@ -320,10 +330,11 @@ def summarize_fedlora(rec: dict[str, Any], metrics: list[dict[str, Any]], summar
     return {
         "real_tokens": real, "tokens": real + padded, "padded_fraction": padded / (real + padded) if real + padded else 0.0,
         "steps": sum(f["steps"] for f in rec["fits"]), "train_s": train_s, "real_tokens_per_s": real / train_s if train_s else 0.0,
+        "real_tokens_per_s_round_without_eval": real / (sum(walls) - sum(evals)),
         "round_wall_s": walls, "round_train_s": trains, "round_eval_s": evals, "eval_share": [e / w for e, w in zip(evals, walls)],
         "round0_eval_s": by_round.get(0, {}).get("wall_s"), "global_loss": summary.get("global_loss"),
         "summary_padded_fraction": summary.get("padded_fraction"), "summary_wall_s": summary.get("wall_s"),
-        "summary_peak_rss_mb": summary.get("peak_rss_mb"), "clients": rec["fits"],
+        "summary_peak_rss_mb": summary.get("peak_rss_mb"), "threads_in_training": rec.get("threads_in_training"), "clients": rec["fits"],
     }
 
 
@@ -391,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         edits = copy_reference(reference, tmp / "reference")
         sizes = write_reference_data(cfg, tmp / "data")
         dev = write_dev_subset(reference, args.ref_eval_examples, args.seed, tmp / "dev.json")
+        if args.ref_eval_examples and not dev:
+            print(f"vs_reference: {reference / DEV_SET} not found: the reference side runs without its evaluation")
         from fedlora.model.loading import resolve_model_dir
 
         model_dir = str(resolve_model_dir(cfg.model.path))
@@ -432,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None and ok:
             shutil.rmtree(tmp, ignore_errors=True)
+        elif not ok:
+            print(f"vs_reference: the copy, data, logs and run folders are kept in {tmp}")
     ref.update(process_wall_s=ref_wall, peak_rss_mib=ref_rss)
     fed.update(process_wall_s=fed_wall, peak_rss_mib=fed_rss)
     tps_ratio = fed["real_tokens_per_s"] / ref["real_tokens_per_s"] if ref["real_tokens_per_s"] else float("nan")
@@ -441,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         ("real tokens trained", f"{ref['real_tokens']}", f"{fed['real_tokens']}", ""),
         ("padded share", f"{ref['padded_fraction']:.1%}", f"{fed['padded_fraction']:.1%}", ""),
         ("real tokens/s (training)", f"{ref['real_tokens_per_s']:.1f}", f"{fed['real_tokens_per_s']:.1f}", f"{tps_ratio:.2f}×  (target ≥ 1.3)"),
+        ("real tokens/s (round − eval)", f"{ref['real_tokens_per_s_round_without_eval']:.1f}", f"{fed['real_tokens_per_s_round_without_eval']:.1f}",
+         f"{fed['real_tokens_per_s_round_without_eval'] / ref['real_tokens_per_s_round_without_eval']:.2f}×"),
         ("wall per round, s", f"{mean(ref['round_wall_s']):.1f}", f"{mean(fed['round_wall_s']):.1f}", ""),
         ("  of it training, s", f"{mean(ref['round_train_s']):.1f}", f"{mean(fed['round_train_s']):.1f}", ""),
         ("  of it evaluation", f"{mean(ref['eval_share']):.0%}", f"{mean(fed['eval_share']):.0%}", ""),
@@ -469,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 RUNTIME_EDITS = [
     "TrainingArguments: eval_strategy for evaluation_strategy, train_sampling_strategy for group_by_length (transformers 5)",
     "TrainingArguments: fp16=False (bf16 with --precision bfloat16), use_cpu; max_steps = the local steps (it trains epochs otherwise); report_to none",
+    "TrainingArguments: save_strategy no (transformers >= 4.43 saves a checkpoint at the end of training; with save_steps=5000000 the reference's 4.40 never saved)",
     "fire stubbed (main.py imports it for its __main__ only)",
 ]
 
