@@ -1,6 +1,7 @@
 # make demo : set everything up on a fresh machine, then run the default experiment
 # make test : set everything up, then run the test suite
-# make bench: the seven benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions
+# make bench: the eight benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions;
+#             REFERENCE=/path/to/FederatedLLM (a checkout of the FLoRA paper's code) for bench 8, which says so and skips without it
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
@@ -44,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/communication.py
 	$(PY) bench/rounds.py
 	$(PY) bench/precision.py
+	$(PY) bench/vs_reference.py $(if $(REFERENCE),--reference $(REFERENCE))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

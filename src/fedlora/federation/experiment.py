@@ -158,7 +158,9 @@ def prepare(cfg: Config) -> Experiment:
         trainer: LocalTrainer = AdaLoraTrainer(*args, task=task, target=cfg.lora.adalora_target, orth_reg=cfg.lora.adalora_orth_reg)
     else:
         trainer = LocalTrainer(*args, task=task)
-    log.info("model %s on %s (%s); %d examples over %d clients", model_dir, device, dtype, len(tokenized), len(clients))
+    matmuls = str(trainer.compute_dtype or dtype).removeprefix("torch.")
+    log.info("model %s on %s (weights %s, matmuls %s: train.precision=%s); %d examples over %d clients", model_dir, device,
+             str(dtype).removeprefix("torch."), matmuls, cfg.train.precision, len(tokenized), len(clients))
     return Experiment(cfg, model_dir, device, host, tokenizer, clients, global_test, method, trainer, info)
 
 
