@@ -128,8 +128,9 @@ class TrainCfg(Section):
     max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False, description="Gradient clipping.")
     max_length: int = Field(256, ge=8, description="Tokens per example (longer ones are truncated); at most the model's context, checked when it loads.")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: the response only).")
-    precision: Literal["float32", "bfloat16", "auto"] = Field(
+    precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Matrix multiplies of training and evaluation: float32, bfloat16 (autocast; float32 master weights), "
+                               "float16 (autocast with loss scaling, for GPUs without bfloat16), "
                                "or auto = bfloat16 where the hardware has it (CUDA with bf16, CPUs with AVX512-BF16 or AMX).")
 
 

@@ -1,5 +1,7 @@
 """The local trainer on a tiny random Llama: plans are installed exactly and the base comes back."""
 
+import math
+
 import torch
 
 from fedlora.config import TrainCfg
@@ -184,3 +186,22 @@ def test_precision_auto_follows_the_hardware_and_bfloat16_autocasts(monkeypatch)
         assert (x @ x).dtype is torch.bfloat16
     with precision.autocast(None, cpu):
         assert (x @ x).dtype is torch.float32
+
+
+def test_float16_trains_with_loss_scaling_and_uploads_float32(tiny_llama, gen):
+    """train.precision=float16: autocast to float16, a GradScaler, the loss on one repeated batch falls, factors stay float32."""
+    from fedlora.train import precision
+    from fedlora.train.local import LocalTrainer
+
+    cpu = torch.device("cpu")
+    assert precision.resolve("float16", cpu) is torch.float16
+    assert isinstance(precision.grad_scaler(torch.float16, cpu), torch.amp.GradScaler)
+    assert precision.grad_scaler(torch.bfloat16, cpu) is None and precision.grad_scaler(None, cpu) is None
+    shapes = target_layer_shapes(tiny_llama, TARGETS)
+    host = AdapterHost(tiny_llama, list(shapes))
+    cfg = TrainCfg(local_steps=6, batch_size=4, micro_batch_size=2, lr=1e-2, precision="float16")
+    trainer = LocalTrainer(host, cfg, TARGETS, 0, cpu, 0)
+    losses: list[float] = []
+    update, _ = trainer.fit(build_method("flora", Setup(shapes, {0: 2}, {0: 2.0})).plan(0, 1), _examples(4, gen), on_step=losses.append)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(f.A.dtype is torch.float32 and torch.isfinite(f.B).all() and f.B.abs().sum() > 0 for f in update.factors.values())

@@ -13,7 +13,7 @@ from fedlora.data.batching import length_grouped_batches
 from fedlora.methods.base import ClientPlan, ClientUpdate, Regularizer
 from fedlora.model.adapters import AdaLoraSpec, AdapterHost, read_factors
 from fedlora.ops.lowrank import seeded_generator
-from fedlora.train.precision import autocast, resolve
+from fedlora.train.precision import autocast, grad_scaler, resolve
 from fedlora.train.tasks import CausalLM, Task
 
 
@@ -103,6 +103,8 @@ class LocalTrainer:
         task = self.task
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = grad_scaler(self.compute_dtype, self.device)  # float16 only
+        scaled = scaler.scale if scaler else (lambda x: x)
         batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, seed)
         targets = [task.targets(e) for e in train]  # loss terms per example, counted once per client
         model.train()
@@ -116,12 +118,18 @@ class LocalTrainer:
                 real, padded = real + mb.real_tokens, padded + mb.padded_tokens
                 with self.autocast():
                     loss_sum, _ = task.loss_sum(model, mb, self.device)
-                (loss_sum / n_answer).backward()
+                scaled(loss_sum / n_answer).backward()
                 total += loss_sum.detach().float()  # stays on the device: no sync per micro-batch
             if penalty is not None:
-                penalty().backward()
+                scaled(penalty()).backward()
+            if scaler:
+                scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             self.after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / n_answer)

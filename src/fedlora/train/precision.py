@@ -5,7 +5,9 @@ Under ``bfloat16`` the forward and backward matrix multiplies run in bfloat16 th
 the model's dtype (float32 master weights); what the client uploads is float32 as ever, so the
 aggregation math does not change. ``auto`` picks bfloat16 where the hardware multiplies in it
 natively — CUDA devices with bf16 support, CPUs that report AVX512-BF16 or AMX — and float32
-elsewhere.
+elsewhere. ``float16`` (for GPUs without bfloat16) autocasts to float16 and scales the loss
+(``torch.amp.GradScaler``) so that small gradients do not flush to zero; a step whose gradients
+overflow is skipped and the scale lowered, as in every float16 recipe.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ def resolve(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "bfloat16":
         return torch.bfloat16
+    if precision == "float16":
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> "torch.amp.GradScaler | None":
+    """A loss scaler for float16 training; None for float32 and bfloat16 (bfloat16 has float32's range)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device) -> ContextManager:
