@@ -1,7 +1,5 @@
 """Every config error is one line naming the setting, the bad value and what is accepted."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 

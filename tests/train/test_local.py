@@ -159,8 +159,6 @@ def test_adalora_prunes_and_its_factors_reproduce_the_adapter(tiny_llama, gen):
 
 
 def test_adalora_training_reduces_the_rank(tiny_llama, gen):
-    from fedlora.train.local import LocalTrainer
-
     shapes = target_layer_shapes(tiny_llama, TARGETS)
     host = AdapterHost(tiny_llama, list(shapes))
     cfg = TrainCfg(local_steps=4, batch_size=4, micro_batch_size=4, lr=1e-2)
