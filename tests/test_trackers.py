@@ -99,3 +99,31 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(tmp_path, c
     (line,) = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error:")]
     assert "output.trackers: 'wandb' needs the wandb package" in line and 'pip install -e ".[trackers]"' in line
     assert not (tmp_path / "run").exists()
+
+
+def test_trackers_start_only_once_a_resume_is_verified_and_replay_the_kept_rounds(tmp_path, capfd):
+    """A resume refused for damaged checkpoints writes no tracker file; an accepted one logs the kept rounds, then the new."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = save_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    base = ["train.local_steps=1", "data.max_examples=30", "eval.max_examples=4", "output.save_final=false"]
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model}", f"output.dir={run}", *base]) == 0
+    (run / "summary.json").unlink()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("rounds: 2\n", "rounds: 3\n"))  # what a kill in round 3 of 3 leaves
+    shutil.copytree(run / "checkpoints", tmp_path / "intact")
+    for state in (run / "checkpoints").glob("round-*/state.safetensors"):
+        data = state.read_bytes()
+        state.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    capfd.readouterr()
+    assert main(["run", "--resume", str(run), "output.trackers=[tensorboard]"]) == 2
+    assert "no intact checkpoint" in capfd.readouterr().err and not (run / "tensorboard").exists()
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(tmp_path / "intact", run / "checkpoints")
+    assert main(["run", "--resume", str(run), "output.trackers=[tensorboard]"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("global/loss")] == [0, 1, 2, 3]  # rounds 0-2 kept and replayed, round 3 new

@@ -12,9 +12,13 @@ def _umask() -> int:
     return mask
 
 
+UMASK = _umask()
+"""Read once, at import: setting the umask to read it is process-wide, and other threads create files."""
+
+
 def as_umask(path: str | Path) -> Path:
     """Give ``path`` (a file, or a folder and everything in it) the mode a plain ``open`` would have; returns it."""
-    path, mask = Path(path), _umask()
+    path, mask = Path(path), UMASK
     for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
         if p.is_file() and not p.is_symlink():
             p.chmod(0o666 & ~mask | (p.stat().st_mode & 0o111 & ~mask))

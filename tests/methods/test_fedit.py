@@ -47,7 +47,7 @@ def test_result_depends_on_every_client(gen, changed):
 
 
 def test_heterogeneous_ranks_are_refused_with_alternatives():
-    with pytest.raises(MethodError, match=r"fedit.*lora.ranks=\[2, 4\].*zeropad"):
+    with pytest.raises(MethodError, match=r"fedit.*lora.ranks=\[4, 2\].*zeropad"):
         build_method("fedit", Setup(LAYERS, {0: 4, 1: 2}, {0: 2.0, 1: 2.0}))
 
 

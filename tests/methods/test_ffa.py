@@ -112,9 +112,9 @@ def test_per_layer_ranks_shared_by_all_clients_work(gen):
 
 
 def test_heterogeneous_setups_are_refused_with_alternatives():
-    with pytest.raises(MethodError, match=r"^federation\.method: 'ffa' needs one rank.*lora\.ranks=\[2, 4\].*zeropad"):
+    with pytest.raises(MethodError, match=r"^federation\.method: 'ffa' needs one rank.*lora\.ranks=\[4, 2\].*zeropad"):
         FFALoRA(Setup(LAYERS, {0: 4, 1: 2}, {0: 2.0, 1: 2.0}))
-    with pytest.raises(MethodError, match=r"^federation\.method: 'ffa' needs one lora\.scale.*\[1\.0, 2\.0\]"):
+    with pytest.raises(MethodError, match=r"^federation\.method: 'ffa' needs one lora\.scale.*\[2\.0, 1\.0\]"):
         FFALoRA(Setup(LAYERS, {0: 4, 1: 4}, {0: 2.0, 1: 1.0}))
     with pytest.raises(MethodError, match=r"^lora\.rank_patterns: 'ffa'.*\[2, 5\] on l0\.v.*flora"):
         FFALoRA(Setup(LAYERS, {0: 4, 1: 4}, {0: 2.0, 1: 2.0}, rank_patterns={"v": {0: 2, 1: 5}}))

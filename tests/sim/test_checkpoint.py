@@ -137,3 +137,15 @@ def test_a_checkpoint_of_another_method_or_without_its_metrics_is_one_line(tiny_
     same = Simulation(_experiment(tiny_llama, "flora", (4, 2, 1))).server
     with pytest.raises(checkpoint.CheckpointError, match=r"^--resume: metrics.jsonl holds rounds \[0\], the checkpoint round-0002 needs rounds 0..2"):
         checkpoint.load(newest, same, run.read_metrics()[:1])
+
+
+def test_a_checkpoint_of_the_previous_format_is_named_as_older_not_as_damaged(tmp_path):
+    import json
+
+    folder = tmp_path / "round-0001"
+    folder.mkdir()
+    (folder / "state.safetensors").write_bytes(b"x")
+    (folder / "state.json").write_text(json.dumps({"format": 2, "sha256": checkpoint.sha256(folder / "state.safetensors")}))
+    assert checkpoint.damage(folder) == "written by an older fedlora (checkpoint format 2, without its own checksum): resume it with that version"
+    (folder / "state.json").write_text(json.dumps({"format": 9}))
+    assert checkpoint.damage(folder) == f"state.json is not a format-{checkpoint.FORMAT} checkpoint with its checksums"

@@ -139,6 +139,8 @@ def damage(path: Path) -> str | None:
         meta = json.loads((path / "state.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"state.json unreadable ({type(e).__name__})"
+    if isinstance(meta, dict) and meta.get("format") == 2:
+        return "written by an older fedlora (checkpoint format 2, without its own checksum): resume it with that version"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta or "json_sha256" not in meta:
         return f"state.json is not a format-{FORMAT} checkpoint with its checksums"
     if _json_digest({k: v for k, v in meta.items() if k != "json_sha256"}) != meta["json_sha256"]:

@@ -12,6 +12,7 @@ noise, wall seconds. metrics.jsonl stays the record; a tracker is a view of it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -125,27 +126,46 @@ KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 
 
 class Trackers:
-    """The configured trackers, fed each metrics entry as it is recorded; closed at the end of the run."""
+    """The configured trackers, fed each metrics entry as it is recorded; closed at the end of the run.
+
+    They start at the first entry recorded, not before: a resume refused for a damaged checkpoint
+    writes no tracker file, and a resumed run's tracker run gets the rounds kept from before, then
+    the new ones (metrics.jsonl up to and including that entry is replayed).
+    """
 
     def __init__(self, names: list[str], run: Path, cfg: Config) -> None:
         check_installed(names)
-        self.open: list[Tracker] = []
-        for name in names:
+        self.names, self.run, self.cfg = list(names), run, cfg
+        self.open: list[Tracker] | None = None
+
+    def _start(self) -> list[Tracker]:
+        started: list[Tracker] = []
+        for name in self.names:
             try:
-                self.open.append(KINDS[name](run, cfg))
+                started.append(KINDS[name](self.run, self.cfg))
             except Exception as e:  # a tracker that cannot start must not cost the run a traceback
-                self.close()
+                for t in started:
+                    t.close()
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise ConfigError(f"output.trackers: {name!r} could not start: {first} (accepted: a working install, or leave {name!r} out)") from None
-        if names:
-            log.info("trackers: %s (offline, in %s)", ", ".join(names), run)
+        log.info("trackers: %s (offline, in %s)", ", ".join(self.names), self.run)
+        return started
 
     def __call__(self, entry: dict[str, Any]) -> None:
-        values = scalars(entry)
-        for t in self.open:
-            t.log(int(entry["round"]), values)
+        if not self.names:
+            return
+        if self.open is None:
+            self.open = self._start()
+            lines = (self.run / "metrics.jsonl").read_text().splitlines()
+            backlog = [json.loads(x) for x in lines if x.strip()][:-1]  # the last line is ``entry`` itself
+        else:
+            backlog = []
+        for e in [*backlog, entry]:
+            values = scalars(e)
+            for t in self.open:
+                t.log(int(e["round"]), values)
 
     def close(self) -> None:
-        for t in self.open:
+        for t in self.open or []:
             t.close()
-        self.open = []
+        self.open = None

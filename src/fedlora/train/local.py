@@ -125,12 +125,16 @@ class LocalTrainer:
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            stepped = True
             if scaler:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)  # skipped when a gradient overflowed
                 scaler.update()
+                stepped = scaler.get_scale() >= scale  # the scale falls exactly when the step was skipped
             else:
                 optimizer.step()
-            self.after_step(model, step)
+            if stepped:  # AdaLoRA's budgeting reads p·grad: never from a skipped step's inf gradients
+                self.after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / n_answer)
             if on_step:

@@ -44,7 +44,8 @@ def resolve(precision: str, device: torch.device) -> torch.dtype | None:
 
 def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> "torch.amp.GradScaler | None":
     """A loss scaler for float16 training; None for float32 and bfloat16 (bfloat16 has float32's range)."""
-    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    # 2^10, not torch's 2^16: a scaler lives for one client's few local steps, and every overflow at the start skips one
+    return torch.amp.GradScaler(device.type, init_scale=2.0**10) if dtype == torch.float16 else None
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device) -> ContextManager:
