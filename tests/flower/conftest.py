@@ -64,6 +64,14 @@ def embedded_model() -> Path:
     return resolve_model_dir(None)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama folder (hidden 32): for deployment tests whose claim holds for any model."""
+    from tests.tiny_folder import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
 _SIMS: dict[tuple[str, ...], dict[str, Any]] = {}
 
 

@@ -193,10 +193,11 @@ def _comparable(run: Path) -> list[dict]:
     return out
 
 
-def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tmp_path):
+def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tiny_model, tmp_path):
     """The ServerApp is SIGKILLed after its round-1 checkpoint; a new one started with ``resume`` on the same
-    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run."""
-    overrides = [*FAST, "federation.method=flora"]  # 2 rounds: killed after round 1, round 2 by the new ServerApp
+    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run.
+    Three whole deployments: on a tiny random Llama (the claim is about processes and state, not the model)."""
+    overrides = [*FAST, "federation.method=flora", f"model.path={tiny_model}"]  # 2 rounds: killed after round 1, round 2 by the new ServerApp
     loopback.run(TINY, tmp_path / "whole", overrides, round_timeout=900)
     broken = tmp_path / "broken"
     handle = loopback.submit(TINY, broken, overrides, round_timeout=900)
