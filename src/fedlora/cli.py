@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", required=True, help="comma-separated methods, e.g. flora,fedit,zeropad,fedplora")
     compare.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, … (default 3)")
     compare.add_argument("--one-rank", type=int, default=None, help="rank for methods that need one rank for all (default: the smallest client rank)")
-    compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it are reused")
+    compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it on the same test split are reused")
     compare.add_argument("--tables-only", action="store_true", help="run nothing: table and plots from the finished runs in --output")
     compare.add_argument("--vary-test-split", action="store_true", help="each seed draws its own global test split (default: the first seed's for all)")
     compare.set_defaults(func=cmd_compare)

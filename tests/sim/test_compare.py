@@ -128,3 +128,16 @@ def test_compare_ends_by_printing_the_table_it_wrote(config: Path, compared: Pat
 def test_every_compared_run_keeps_its_final_adapter(compared: Path) -> None:
     for run in (compared / "runs").iterdir():
         assert (run / "final" / "adapter_model.safetensors").is_file(), run
+
+
+def test_a_run_scored_on_another_test_split_is_run_again_not_mixed_in(compared: Path, config: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    folder = out / "runs" / "flora-seed0"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["global_test_seed"] == 0
+    stamp = (folder / "summary.json").stat().st_mtime_ns
+    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1", "--vary-test-split"]) == 0
+    assert (folder / "summary.json").stat().st_mtime_ns != stamp  # rerun on the split the plan asks for
+    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["global_test_seed"] is None

@@ -5,7 +5,8 @@ that same split and model, from the same initial head, each into its own run fol
 ``<out>/runs/<method>-seed<s>/`` (config, partition, metrics, summary). A method that needs one
 rank for every client (fedit, ffa, fedsa, fedex, rolora) runs at ``one_rank`` (default: the smallest client rank, which
 every client can afford), and the table says so. A run whose summary.json exists is not repeated,
-so an interrupted comparison resumes where it stopped.
+so an interrupted comparison resumes where it stopped; a run scored on another global test split
+(an older comparison, `--vary-test-split` toggled) is run again rather than mixed in.
 """
 
 from __future__ import annotations
@@ -93,9 +94,22 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}-seed{seed}"
 
 
+def done(plan: Plan, out: Path, method: str, seed: int) -> bool:
+    """A finished run of this plan: its summary exists and it was scored on the plan's global test split
+    (a run of an older comparison in the same folder, on another split, is run again, not mixed in)."""
+    folder = run_dir(out, method, seed)
+    if not (folder / "summary.json").is_file():
+        return False
+    try:
+        ran = load_config(folder / "config.yaml", []).data.global_test_seed
+    except ConfigError:
+        return False
+    return ran == load_config(plan.config, [*plan.overrides, f"seed={seed}"]).data.global_test_seed
+
+
 def finished(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """The records of the plan's runs that finished under ``out`` (nothing is run)."""
-    return [_record(run_dir(out, m, s), m, s) for s in plan.seeds for m in plan.methods if (run_dir(out, m, s) / "summary.json").is_file()]
+    return [_record(run_dir(out, m, s), m, s) for s in plan.seeds for m in plan.methods if done(plan, out, m, s)]
 
 
 def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str, Any]]:
@@ -109,7 +123,7 @@ def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str,
     write_json(out / "plan.json", dataclasses.asdict(plan))
     records = []
     for seed in plan.seeds:
-        todo = [m for m in plan.methods if not (run_dir(out, m, seed) / "summary.json").is_file()]
+        todo = [m for m in plan.methods if not done(plan, out, m, seed)]
         exp = _prepare(plan, seed) if todo else None
         head0 = exp.host.initial_head() if exp else {}
         for method in plan.methods:
