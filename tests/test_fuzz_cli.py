@@ -146,12 +146,16 @@ def test_damaged_data_files_end_in_success_or_one_line(tmp_path, capfd, monkeypa
              for i, t in enumerate(["art", "law", "sea", "sky"] * 15)]
     clean = ("\n".join(json.dumps(r) for r in rows_) + "\n").encode()
     csv = ("instruction,response,category\n" + "".join(f"Q{i},A{i},{'ab'[i % 2]}\n" for i in range(60))).encode()
+    outcomes = []
     for case in range(60):
         suffix, data = (".jsonl", clean) if case % 3 else (".csv", csv)
         path = tmp_path / f"d{case}{suffix}"
         path.write_bytes(damage(data, rng))
         rc = main(["data", TINY, f"data.source={path}", "data.max_examples=null", "federation.num_clients=3", f"output.dir={tmp_path / f'out-{case}'}"])
         one_outcome(rc, capfd.readouterr().err)
+        assert rc != 0 or (tmp_path / f"out-{case}" / "partition.json").is_file()  # a file that loaded was dealt to clients
+        outcomes.append(rc)
+    assert {0, 2} <= set(outcomes)  # the damage both spares files and breaks them: each outcome is exercised
 
 
 def test_damaged_checkpoints_resume_from_an_intact_one_or_stop_in_one_line(model_dir, tmp_path, capfd):
