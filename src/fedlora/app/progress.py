@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedlora.config import Config
+from fedlora.report.table import round_line
 from fedlora.sim.federation import Hooks
 
 
@@ -26,12 +27,7 @@ def plain_hooks(cfg: Config) -> Hooks:
         rnd[0] = r
 
     rnd = [0]
-    return Hooks(round_start=round_start, client_start=client_start, round_end=lambda entry: log.info(_round_done(entry)))
-
-
-def _round_done(entry: dict[str, Any]) -> str:
-    loss = entry.get("eval", {}).get("global", {}).get("loss")
-    return f"round {entry['round']} done" + (f" · global loss {loss:.4f}" if loss is not None else "")
+    return Hooks(round_start=round_start, client_start=client_start, round_end=lambda entry: log.info(round_line(entry)))
 
 
 @contextmanager
@@ -57,7 +53,7 @@ def rich_hooks(console: Console, cfg: Config) -> Iterator[Hooks]:
         progress.update(steps, advance=1, info=f"loss {loss:.3f}")
 
     def round_end(entry: dict[str, Any]) -> None:
-        text = _round_done(entry)
+        text = round_line(entry)
         progress.update(rounds, advance=1, info=text)
         progress.console.log(text)
 

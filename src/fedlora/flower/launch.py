@@ -44,10 +44,10 @@ class RunHandle:
     def wait(self, timeout: float = 1800, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Wait for the run; its summary.json, or FlowerRunError with the logs' tails. ``on_round``: each new metrics line."""
         name = next(n for n, p in self.federation.procs.items() if p is self.proc)
-        deadline, seen = time.monotonic() + timeout, len(self._complete_lines())  # a resumed run's earlier rounds are not news
+        deadline, pos = time.monotonic() + timeout, self._new_rounds((0, -1), None)  # a resumed run's earlier rounds are not news
         while not (done := _exited(self.proc, min(2.0, max(0.0, deadline - time.monotonic())))) and time.monotonic() < deadline:
-            seen = self._new_rounds(seen, on_round)
-        self._new_rounds(seen, on_round)
+            pos = self._new_rounds(pos, on_round)
+        self._new_rounds(pos, on_round)
         if not done:
             _stop_group(self.federation.procs.pop(name))
             raise FlowerRunError(f"flwr run did not finish within {timeout:.0f} s\n{_tail(self.log)}")
@@ -58,16 +58,28 @@ class RunHandle:
                                  f"--- superlink ---\n{_tail(self.federation.logs / 'superlink.log')}")
         return json.loads(summary.read_text())
 
-    def _new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None] | None) -> int:
-        """Pass metrics lines after the first ``seen`` to ``on_round``; the number of complete lines now."""
-        complete = self._complete_lines()
-        for line in complete[seen:] if on_round else []:
-            on_round(json.loads(line))
-        return len(complete)
+    def _new_rounds(self, pos: tuple[int, int], on_round: Callable[[dict[str, Any]], None] | None) -> tuple[int, int]:
+        """Pass each complete metrics line of a round after the last one passed to ``on_round``; (bytes read, last round).
 
-    def _complete_lines(self) -> list[str]:
+        A poll reads only the bytes after the last one, not the whole file (which grows with the rounds); when the
+        file was cut back (a resumed ServerApp drops the rounds after its checkpoint), it is read again from the start."""
+        read, last = pos
         metrics = self.output_dir / "metrics.jsonl"
-        return [line for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")] if metrics.is_file() else []
+        if not metrics.is_file():
+            return pos
+        with open(metrics, "rb") as f:
+            if read and (f.seek(read - 1) != read - 1 or f.read(1) != b"\n"):  # shorter, or rewritten: from the start
+                read = 0
+            f.seek(read)
+            new = f.read()
+        complete = new[: new.rfind(b"\n") + 1]
+        for line in complete.splitlines():
+            entry = json.loads(line)
+            if entry["round"] > last:
+                last = entry["round"]
+                if on_round:
+                    on_round(entry)
+        return read + len(complete), last
 
 
 @dataclass
@@ -259,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_round(entry: dict[str, Any], t0: float, rounds: int) -> None:
-    loss = entry.get("eval", {}).get("global", {}).get("loss")
-    took = f"{len(entry['clients'])} clients, " if entry.get("clients") else ""
-    print(f"round {entry['round']}/{rounds} done: {took}" + (f"global loss {loss:.4f}, " if loss is not None else "")
-          + f"{time.perf_counter() - t0:.0f} s", flush=True)
+    from fedlora.report.table import round_line
+
+    took = f", {len(entry['clients'])} clients" if entry.get("clients") else ""
+    print(f"{round_line(entry)} (of {rounds}{took}, {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

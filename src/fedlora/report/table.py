@@ -11,6 +11,12 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def round_line(entry: dict[str, Any]) -> str:
+    """``round 3 done · global loss 2.2462``: the one line a finished round gets in a log."""
+    loss = (entry.get("eval") or {}).get("global", {}).get("loss")
+    return f"round {entry['round']} done" + (f" · global loss {loss:.4f}" if loss is not None else "")
+
+
 def summary_table(summary: dict[str, Any], ranks: list[int], partition: dict[str, Any] | None = None) -> Table:
     """The closing table; with ``partition`` (partition.json) it says how many test examples each loss is on."""
     table = Table(title=f"fedlora · {summary['method']} · {summary['rounds']} rounds", show_lines=False)
