@@ -6,6 +6,7 @@ people get logging and the closing table.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -139,6 +140,7 @@ def summarize(metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def provenance() -> dict[str, Any]:
     """The fedlora version that ran, and the git commit of its source tree when it runs from a checkout."""
     import subprocess

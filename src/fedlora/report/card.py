@@ -55,7 +55,22 @@ def _losses(first: dict[str, Any], last: dict[str, Any], client: int | None) -> 
 
 
 def write_card(folder: Path, run_folder: Path, cfg: Config, base_model: str, client: int | None = None, note: str = "") -> None:
-    """``folder/README.md`` from the run's metrics.jsonl (what exists of it)."""
-    path = run_folder / "metrics.jsonl"
-    metrics = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    (folder / "README.md").write_text(adapter_card(cfg, metrics, base_model, run_folder.name, client, note))
+    """``folder/README.md`` from the first and last lines of the run's metrics.jsonl (what exists of it)."""
+    (folder / "README.md").write_text(adapter_card(cfg, first_and_last(run_folder / "metrics.jsonl"), base_model, run_folder.name, client, note))
+
+
+def first_and_last(path: Path, tail: int = 1 << 16) -> list[dict[str, Any]]:
+    """The first and the last metrics entries, read from the file's two ends: a card per client of a long run
+    must not read every round's line once per client."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    with open(path, "rb") as f:
+        first = f.readline()
+        size = f.seek(0, 2)
+        while True:  # widen the window until it holds a whole last line
+            f.seek(max(0, size - tail))
+            lines = f.read().splitlines()
+            if len(lines) > 1 or tail >= size:
+                break
+            tail *= 4
+    return [json.loads(first), json.loads(lines[-1])]
