@@ -1,4 +1,4 @@
-"""`fedlora run | compare | data | methods | deploy | report | export | eval`: the command line."""
+"""`fedlora run | simulate | compare | data | methods | deploy | report | export | eval | config`: the command line."""
 
 from __future__ import annotations
 
@@ -169,6 +169,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return launch([*argv, *args.overrides])
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """The config on Flower's simulation runtime: the same ServerApp and ClientApp, virtual nodes in Ray actors."""
+    if args.backend == "inprocess":
+        if args.output and not args.resume:
+            args.overrides.append(f"output.dir={args.output}")
+        return cmd_run(args)
+    try:
+        from fedlora.flower.launch import main as launch
+    except ImportError:
+        console.print("[bold red]error:[/] " + escape("fedlora simulate --backend ray needs Flower and Ray (accepted: pip install -e \".[simulation]\" in the fedlora checkout)"))
+        return 2
+    argv = ["--simulation", "--client-cpus", str(args.client_cpus)] + (["--config", args.config] if args.config else [])
+    if args.client_gpus is not None:
+        argv += ["--client-gpus", str(args.client_gpus)]
+    for flag in ("output", "workdir", "resume"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    return launch([*argv, *args.overrides])
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """report.md and report-*.png of one or more runs, overlaid (docs/use.md)."""
     from fedlora.report.markdown import write_report
@@ -216,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (same config)")
     run.set_defaults(func=cmd_run)
+    simulate = sub.add_parser("simulate", help="run a config on Flower's simulation runtime (Ray: clients in parallel on CPUs/GPUs)", epilog=SETTINGS)
+    simulate.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
+    simulate.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
+    simulate.add_argument("--backend", choices=["ray", "inprocess"], default="ray", help="ray: Flower's simulation runtime (default); inprocess: as `fedlora run`")
+    simulate.add_argument("--client-cpus", type=float, default=1.0, help="ray: CPUs (and torch threads) per client; as many clients run at once as fit (default 1)")
+    simulate.add_argument("--client-gpus", type=float, default=None, help="ray: GPUs per client, 0.5 = two share one (default: 1 with CUDA, else 0)")
+    simulate.add_argument("--output", help="run folder (default: runs/<time>-<method>-ray; inprocess: as output.dir)")
+    simulate.add_argument("--workdir", help="ray: logs and the virtual nodes' state (default: .<run folder>.flower beside the run folder)")
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest complete checkpoint (ray: the same --workdir)")
+    simulate.set_defaults(func=cmd_simulate)
     data = sub.add_parser("data", help="show how a config deals its data to clients (table + heatmap PNG)")
     data.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     data.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.alpha=0.1")

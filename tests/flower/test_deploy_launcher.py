@@ -83,3 +83,39 @@ def test_deploy_reports_each_round_as_its_metrics_line_lands(tmp_path):
     handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
     assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
     assert [e["round"] for e in seen] == [1, 2, 3]
+
+
+def test_simulate_refuses_resources_this_machine_lacks_in_one_line(capsys):
+    """Ray would wait forever for a GPU or CPUs that are not there: each is one line before anything starts."""
+    pytest.importorskip("ray")
+    from fedlora.cli import main as cli
+
+    cpus = os.cpu_count() or 1
+    assert cli(["simulate", str(TINY), "--client-cpus", "0"]) == 2
+    assert "--client-cpus: 0 (accepted: more than 0" in capsys.readouterr().err
+    assert cli(["simulate", str(TINY), "--client-cpus", str(cpus + 1)]) == 2
+    assert f"at most the {cpus} CPUs here" in capsys.readouterr().err
+    import torch
+
+    gpus = torch.cuda.device_count()
+    assert cli(["simulate", str(TINY), "--client-gpus", str(gpus + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--client-gpus: {gpus + 1} (accepted: 0 to the {gpus} GPUs here" in err
+    assert cli(["simulate", str(TINY), "lora.ranks=[4,2]"]) == 2  # the config is checked as for fedlora run
+    assert "lora.ranks" in capsys.readouterr().err
+
+
+def test_deploy_resume_of_a_finished_run_starts_nothing_and_changes_nothing(tmp_path, capsys):
+    import hashlib
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (0, 1, 2)))  # tiny.yaml: 2 rounds
+    (run / "summary.json").write_text("{}")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()}
+    assert main(["--resume", str(run)]) == 0
+    assert "is finished (round 2 of 2): nothing to resume" in capsys.readouterr().out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()} == before
+    assert not (tmp_path / ".run.flower").exists()  # no federation was started

@@ -2,6 +2,7 @@
 
     python -m fedlora.flower.launch --config configs/tiny.yaml --nodes 3 [--tls [--auth]] \
         [--output runs/x] [--node-rank 2=1 …] [key=value …]
+    python -m fedlora.flower.launch --simulation [--client-cpus 1] [--client-gpus 0.5] …   # Ray, no SuperNodes
 
 Every process listens on 127.0.0.1 on a free port, runs in its own process group, and is
 stopped by that group's id (never by name). Each process gets its own FLWR_HOME; the CLI's holds
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from fedlora.flower import APP_DIR
 from fedlora.flower.processes import FlowerRunError, _bin, _exited, _stop_group, _tail, _wait_port, free_port
-from fedlora.flower.settings import ENV
+from fedlora.flower.settings import ENV, STATE_ENV
 
 CONNECTION = "fedlora-local"
 
@@ -82,6 +83,19 @@ class RunHandle:
         return read + len(complete), last
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What each virtual node of Flower's simulation runtime may use: Ray runs as many at once as fit.
+
+    ``gpus`` may be a fraction (0.5: two clients share a GPU)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def federation_config(self, nodes: int) -> str:
+        return f"num-supernodes={nodes} client-resources-num-cpus={self.cpus:g} client-resources-num-gpus={self.gpus:g}"
+
+
 @dataclass
 class LocalFederation:
     """A SuperLink and ``nodes`` SuperNodes on loopback; ``node_config[i]`` adds to node i's config."""
@@ -93,6 +107,7 @@ class LocalFederation:
     node_config: dict[int, dict[str, Any]] = field(default_factory=dict)
     threads_per_node: int | None = None  # torch threads of each SuperNode's ClientApps (default: cpu_count // nodes)
     server_threads: int | None = None  # torch threads of the ServerApp (default: torch's own choice)
+    simulation: "Resources | None" = None  # Flower's simulation runtime (Ray) instead of SuperNodes
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +117,8 @@ class LocalFederation:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.tls = self.tls or self.auth
+        if self.simulation and (self.tls or self.node_config):
+            raise ValueError("a simulation federation has no SuperNodes: no TLS, authentication or node config")
         self.cli_home = self.workdir / "flwr-cli"
         self._runs = 0
 
@@ -111,6 +128,8 @@ class LocalFederation:
         env = {**os.environ, **ENV, "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if threads:
             env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        if self.simulation:  # the virtual nodes' bases (STATE_ENV), and Ray's session files, inside the workdir
+            env.update({STATE_ENV: str(self.workdir / "nodes"), "RAY_TMPDIR": str(_ray_tmp(self.workdir))})
         return env
 
     def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None) -> subprocess.Popen:
@@ -130,9 +149,12 @@ class LocalFederation:
             security = ["--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key)]
         self._write_cli_config()
         link = self._spawn("superlink", [_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
-                                         "--disable-runtime-dependency-installation", *(["--enable-supernode-auth"] if self.auth else [])],
+                                         "--disable-runtime-dependency-installation", *(["--enable-supernode-auth"] if self.auth else []),
+                                         *(["--simulation"] if self.simulation else [])],
                            self.workdir / "superlink" / "home", self.server_threads)
         _wait_port(self.port, link, timeout, self.logs / "superlink.log")
+        if self.simulation:  # the SuperLink runs the virtual nodes itself, on Ray
+            return self
         threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // self.nodes)
         for i in range(self.nodes):
             extra = []
@@ -207,7 +229,8 @@ class LocalFederation:
         toml.write_text(tomli_w.dumps(values))
         log = self.logs / f"run-{self._runs}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(toml)],
+            sim = ["--federation-config", self.simulation.federation_config(self.nodes)] if self.simulation else []
+            proc = subprocess.Popen([_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(toml), *sim],
                                     cwd=self.workdir, env=self.env(self.cli_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[f"run-{self._runs}"] = proc
         return RunHandle(proc, output_dir, log, self)
@@ -215,6 +238,33 @@ class LocalFederation:
     def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800,
             on_round: Callable[[dict[str, Any]], None] | None = None, **run_config: Any) -> dict[str, Any]:
         return self.submit(config, output_dir, overrides, **run_config).wait(timeout, on_round)
+
+
+def simulation_resources(cpus: float, gpus: float | None) -> Resources:
+    """Each client's share for Ray, checked against what this machine has (Ray would wait forever for the missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("Flower's simulation runtime needs Ray (accepted: pip install -e \".[simulation]\" in the fedlora checkout)")
+    import torch
+
+    have_cpus, have_gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    gpus = (1.0 if have_gpus else 0.0) if gpus is None else gpus
+    if not 0 < cpus <= have_cpus:
+        raise ValueError(f"--client-cpus: {cpus:g} (accepted: more than 0, at most the {have_cpus} CPUs here)")
+    if not 0 <= gpus <= max(have_gpus, 0):
+        raise ValueError(f"--client-gpus: {gpus:g} (accepted: 0 to the {have_gpus} GPUs here; a fraction shares one)")
+    return Resources(cpus, gpus)
+
+
+def _ray_tmp(workdir: Path) -> Path:
+    """Ray's session folder: its socket paths must stay under 107 bytes, so a short one when the workdir is deep."""
+    if len(str(workdir)) < 60:
+        return workdir / "ray"
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"fedlora-ray-{hashlib.sha256(str(workdir).encode()).hexdigest()[:10]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-rank", action="append", default=[], metavar="K=R", help="SuperNode K declares rank R (node config `rank`)")
     p.add_argument("--threads-per-node", type=int, default=None, help="torch threads per SuperNode (default: cpu_count // nodes)")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the ServerApp's evaluation (default: torch's choice)")
+    p.add_argument("--simulation", action="store_true", help="Flower's simulation runtime: the clients as virtual nodes in Ray actors, no SuperNodes")
+    p.add_argument("--client-cpus", type=float, default=1.0, help="--simulation: CPUs (and torch threads) per client; Ray runs as many at once as fit (default 1)")
+    p.add_argument("--client-gpus", type=float, default=None, help="--simulation: GPUs per client, 0.5 = two share one (default: 1 with CUDA, else 0)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     args = p.parse_args(argv)
     if args.resume:
@@ -248,17 +301,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MethodError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.resume:
+        from fedlora.app.run_dir import finished
+
+        if finished(Path(args.output), cfg.federation.rounds):
+            print(f"{args.output} is finished (round {cfg.federation.rounds} of {cfg.federation.rounds}): nothing to resume, nothing changed", flush=True)
+            return 0
     nodes = args.nodes or cfg.federation.num_clients
     if nodes != cfg.federation.num_clients:
         p.error(f"--nodes {nodes}: the config has federation.num_clients={cfg.federation.num_clients} (one SuperNode per partition)")
-    output = Path(args.output or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}-flower").resolve()
+    simulation = None
+    if args.simulation:
+        try:
+            simulation = simulation_resources(args.client_cpus, args.client_gpus)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.tls or args.auth or args.node_rank:
+            p.error("--simulation has no SuperNodes: --tls, --auth and --node-rank do not apply")
+    output = Path(args.output or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}-{'ray' if simulation else 'flower'}").resolve()
     ranks = {int(k): {"rank": int(r)} for k, r in (x.split("=", 1) for x in args.node_rank)}
     workdir = Path(args.workdir).resolve() if args.workdir else output.parent / f".{output.name}.flower"  # node state outlives the launcher
     t0 = time.perf_counter()
     try:
-        with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks,
+        with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks, simulation=simulation,
                              threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
-            print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {nodes} SuperNodes; logs and node state in {workdir}", flush=True)
+            where = (f"{nodes} virtual nodes on Ray, each {simulation.cpus:g} CPU, {simulation.gpus:g} GPU" if simulation
+                     else f"{nodes} SuperNodes")
+            print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {where}; logs and node state in {workdir}", flush=True)
             print(f"run folder {output}: {cfg.federation.rounds} rounds of {cfg.federation.method}, one line per round", flush=True)
             summary = fed.run(config, output, [] if args.resume else args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
                               **({"resume": True} if args.resume else {}))

@@ -45,7 +45,15 @@ def config_from_text(text: str) -> Config:
     return build_config(yaml.safe_load(text) or {}, [])
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
+def _federation(cfg_text: str) -> Any:
+    """The simulator's ``prepare`` of the whole config, once per process: a Ray actor serves any partition in turn."""
+    from fedlora.federation.experiment import prepare
+
+    return prepare(config_from_text(cfg_text))
+
+
+@lru_cache(maxsize=8)
 def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path: str | None) -> ClientRuntime:
     """Model, tokenizer, data and method, loaded once per process (keyed by config and node)."""
     from fedlora.federation.experiment import check_model, prepare
@@ -54,7 +62,7 @@ def client_runtime(cfg_text: str, partition: int, num_partitions: int, data_path
     if cfg.federation.num_clients != num_partitions:
         raise ConfigError(f"node config: num-partitions={num_partitions} but federation.num_clients={cfg.federation.num_clients} (accepted: equal)")
     if data_path is None:
-        exp = prepare(cfg)
+        exp = _federation(cfg_text)
         pooled = exp.method.pooled
         train = [e for c in exp.clients for e in c.train] if pooled else exp.clients[partition].train
         return ClientRuntime(cfg, exp.method, exp.trainer, train, exp.clients[partition].test, exp.global_test, exp.tokenizer.pad_token_id, exp.model_dir)
