@@ -210,6 +210,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedlora.evaluation.eval_run import describe, run_eval
     from fedlora.app.run_dir import write_json
 
+    if args.lm_eval:
+        from fedlora.evaluation.lm_eval_task import describe as lm_describe, run_lm_eval
+
+        result = run_lm_eval(args.path, args.lm_eval, limit=args.limit)
+        Console().print("\n".join(lm_describe(result)), highlight=False, soft_wrap=True, markup=False)
+        if args.json:
+            write_json(Path(args.json), result)
+        return 0
     result = run_eval(args.path, args.data, client=args.client, prompts=args.prompt, generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     Console().print("\n".join(describe(result)), highlight=False, soft_wrap=True, markup=False)
     if args.json:
@@ -295,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--max-length", type=int, help="tokens per example (default: the run's train.max_length, else 256)")
     ev.add_argument("--client", type=int, help="client K's model of a personal-method run (local)")
+    ev.add_argument("--lm-eval", metavar="TASK", help="lm-eval-harness on TASK (a task YAML, or MMLU-format JSONL), beside fedlora's own scorer")
+    ev.add_argument("--limit", type=int, help="--lm-eval: the first N questions only (no comparison with fedlora's scorer)")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.set_defaults(func=cmd_eval)
     return parser

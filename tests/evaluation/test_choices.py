@@ -52,7 +52,9 @@ def test_the_known_answers(tmp_path, tok):
     assert [q.answer for q in questions] == [2, 0, 1]  # letter, index, lower-case letter
     model = Bigram(_table(tok, {("Answer:", "Paris"): 5.0, ("Answer:", "four"): 4.0, ("Answer:", "blue"): 3.0, ("blue", "sky"): 2.0}))
     s = score_questions(model, tok, questions, torch.device("cpu"))
-    assert s == {"questions": 3, "accuracy": 1.0, "accuracy_norm": 1.0, "picks": [2, 0, 1]}
+    assert {k: s[k] for k in ("questions", "accuracy", "accuracy_norm", "accuracy_bytes", "picks")} == {
+        "questions": 3, "accuracy": 1.0, "accuracy_norm": 1.0, "accuracy_bytes": 1.0, "picks": [2, 0, 1]}
+    assert [max(range(3), key=ll.__getitem__) for ll in s["logliks"]] == s["picks"]
     # a model that prefers "red" to the sky's colour gets the third one wrong
     wrong = Bigram(_table(tok, {("Answer:", "Paris"): 5.0, ("Answer:", "four"): 4.0, ("Answer:", "red"): 3.0}))
     s = score_questions(wrong, tok, questions, torch.device("cpu"))
@@ -83,3 +85,30 @@ def test_bad_records_name_line_and_field(tmp_path, record, message):
     with pytest.raises(DataError, match="line 2") as e:
         read_questions(path)
     assert message in str(e.value)
+
+
+def test_norm_divides_by_characters_and_bytes_by_utf8_bytes_as_lm_eval(monkeypatch):
+    """acc: -3.0 beats -3.6; per character (3 vs 4) -1.0 loses to -0.9; per byte ("ééé" is 6) -0.5 wins again."""
+    from fedlora.evaluation import choices
+
+    monkeypatch.setattr(choices, "continuation_logliks", lambda *a: [-3.0, -3.6])
+    q = choices.Question("Which?", ["ééé", "abcd"], 1)
+    s = choices.score_questions(None, None, [q], torch.device("cpu"))
+    assert (s["accuracy"], s["accuracy_norm"], s["accuracy_bytes"]) == (0.0, 1.0, 0.0)
+
+
+def test_the_task_yaml_in_docs_use_md_is_the_one_fedlora_writes(tmp_path):
+    """docs/use.md shows the lm-eval task for users to change: it must be what ``write_task`` writes (bar the path)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from fedlora.evaluation.lm_eval_task import write_task
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "use.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "dataset_path: json" in b]
+    shown = yaml.safe_load(block)
+    written = yaml.safe_load(write_task(tmp_path / "q.jsonl", tmp_path).read_text())
+    shown["dataset_kwargs"]["data_files"]["test"] = written["dataset_kwargs"]["data_files"]["test"]
+    assert shown == written

@@ -4,8 +4,14 @@ One JSON object per line: ``question`` (text), ``choices`` (list of texts) and `
 correct choice's index from 0, or its letter A, B, …). Each choice is scored as the
 continuation " <choice>" of the context "Question: <question>\\nAnswer:" — the sum of its
 tokens' log-probabilities, log p(c | ctx) = Σ_t log p(c_t | ctx, c_<t) — and the highest wins
-(``accuracy``); ``accuracy_norm`` divides each sum by the choice's length in UTF-8 bytes, as
-lm-eval-harness's acc_norm does, so long choices are not penalised for their length.
+(``accuracy``). So that long choices are not penalised for their length, ``accuracy_norm``
+divides each sum by the choice's length in characters and ``accuracy_bytes`` by its length in
+UTF-8 bytes.
+
+Everything here is what lm-eval-harness does for a ``multiple_choice`` task with this prompt
+(``fedlora.evaluation.lm_eval_task`` writes that task): the context and each continuation are
+tokenized together and split after the context's own tokens, and the three accuracies are its
+``acc``, ``acc_norm`` and ``acc_bytes``. ``fedlora eval --lm-eval`` runs both and compares them.
 """
 
 from __future__ import annotations
@@ -83,9 +89,15 @@ def _question(record: Any, where: str) -> Question:
 
 @torch.no_grad()
 def continuation_logliks(model: torch.nn.Module, tokenizer: Any, context: str, continuations: Sequence[str], device: torch.device) -> list[float]:
-    """log p(continuation | context) for each continuation, summed over its tokens, in one padded batch."""
-    ctx = list(tokenizer(context, add_special_tokens=True)["input_ids"])
-    conts = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
+    """log p(continuation | context) for each continuation, summed over its tokens, in one padded batch.
+
+    As lm-eval-harness tokenizes a pair: the context's trailing spaces move to the continuation,
+    context + continuation is tokenized whole, and the continuation is what follows the context's tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
+    ctx = list(tokenizer(context)["input_ids"])
+    conts = [list(tokenizer(context + c)["input_ids"])[len(ctx):] for c in continuations]
     width = len(ctx) + max(len(c) for c in conts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(conts), width), int(pad), dtype=torch.long)
@@ -102,17 +114,17 @@ def continuation_logliks(model: torch.nn.Module, tokenizer: Any, context: str, c
 
 
 def score_questions(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], device: torch.device) -> dict[str, Any]:
-    """accuracy, accuracy_norm and each question's pick."""
-    picks, picks_norm = [], []
+    """accuracy, accuracy_norm (per character), accuracy_bytes (per UTF-8 byte), each question's pick and log-likelihoods."""
+    picks: dict[str, list[int]] = {"accuracy": [], "accuracy_norm": [], "accuracy_bytes": []}
+    logliks = []
     for q in questions:
         ll = continuation_logliks(model, tokenizer, q.context, [" " + c for c in q.choices], device)
-        norm = [v / len(c.encode()) for v, c in zip(ll, q.choices)]
-        picks.append(max(range(len(ll)), key=ll.__getitem__))
-        picks_norm.append(max(range(len(norm)), key=norm.__getitem__))
+        logliks.append(ll)
+        for key, length in (("accuracy", lambda c: 1), ("accuracy_norm", len), ("accuracy_bytes", lambda c: len(c.encode()))):
+            scores = [v / length(c) for v, c in zip(ll, q.choices)]
+            picks[key].append(max(range(len(scores)), key=scores.__getitem__))  # the first of equal scores, as numpy's argmax
     n = len(questions)
-    return {
-        "questions": n,
-        "accuracy": sum(p == q.answer for p, q in zip(picks, questions)) / n,
-        "accuracy_norm": sum(p == q.answer for p, q in zip(picks_norm, questions)) / n,
-        "picks": picks,
-    }
+    out: dict[str, Any] = {"questions": n}
+    out.update({key: sum(p == q.answer for p, q in zip(chosen, questions)) / n for key, chosen in picks.items()})
+    out.update(picks=picks["accuracy"], logliks=logliks)
+    return out

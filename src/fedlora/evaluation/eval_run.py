@@ -52,7 +52,7 @@ def describe(result: dict[str, Any]) -> list[str]:
     if h := result.get("heldout"):
         lines.append(f"held-out loss {h['loss']:.4f} nats/token · perplexity {h['perplexity']:.2f} · {h['examples']} examples, {h['answer_tokens']} answer tokens ({result['data']})")
     if mc := result.get("multiple_choice"):
-        lines.append(f"multiple choice: accuracy {mc['accuracy']:.4f} · accuracy_norm {mc['accuracy_norm']:.4f} · {mc['questions']} questions ({result['data']})")
+        lines.append(f"multiple choice: accuracy {mc['accuracy']:.4f} · accuracy_norm {mc['accuracy_norm']:.4f} · accuracy_bytes {mc['accuracy_bytes']:.4f} · {mc['questions']} questions ({result['data']})")
     for g in result["generations"]:
         lines += [f"> {g['prompt']}", f"  {g['output']}"]
     return lines

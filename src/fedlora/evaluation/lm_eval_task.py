@@ -1,0 +1,162 @@
+"""`fedlora eval PATH --lm-eval TASK`: lm-eval-harness, offline, on a run's model, beside fedlora's own scorer.
+
+TASK is an lm-eval task YAML, or an MMLU-format JSONL file (question, choices, answer) for which
+``write_task`` writes the task YAML: ``dataset_path: json`` over that file, and the prompt and
+choices of ``fedlora.evaluation.choices``. A run folder or adapter is first merged into a full
+model folder (``fedlora export --merged``) in a temporary folder, because lm-eval loads model
+folders. When the task's data is an MMLU-format file, fedlora's own scorer runs on it too and
+the result says whether every pick agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlora.data import DataError
+from fedlora.evaluation.runs import RunFolderError, is_run_dir
+
+TASK = "fedlora_multiple_choice"
+METRICS = {"acc": "accuracy", "acc_norm": "accuracy_norm", "acc_bytes": "accuracy_bytes"}
+"""lm-eval's metric → fedlora's key for the same number."""
+
+
+def write_task(questions: Path, folder: Path, name: str = TASK) -> Path:
+    """The lm-eval task YAML of an MMLU-format JSONL file, with fedlora's prompt; its path."""
+    questions = Path(questions).resolve()
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(questions)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "choices",
+        "doc_to_target": "{{answer if answer is number else 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'.index(answer | trim | upper)}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limit: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """lm-eval's accuracies on ``task`` (and fedlora's own, when the data is an MMLU-format file), as a JSON-able dict."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DataError("--lm-eval needs lm-eval-harness (accepted: pip install -e \".[lmeval]\" in the fedlora checkout)") from None
+    from fedlora.evaluation.choices import is_multiple_choice, read_questions
+    from fedlora.model.loading import pick_device, pick_dtype
+
+    task, path = Path(task), Path(path)
+    if not task.is_file():
+        raise DataError(f"--lm-eval: file not found: {task} (accepted: an lm-eval task YAML, or an MMLU-format .jsonl file)")
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory(prefix="fedlora-lm-eval-") as tmp:
+        if is_multiple_choice(task):
+            read_questions(task)  # a bad line is one line naming it, before lm-eval loads anything
+            questions, task_yaml = task, write_task(task, Path(tmp) / "task")
+        elif task.suffix in (".yaml", ".yml"):
+            task_yaml, questions = task, _questions_of(task)
+        else:
+            raise DataError(f"--lm-eval: {task} is neither a task YAML nor MMLU-format JSONL (accepted: .yaml with a task, or .jsonl with question, choices, answer)")
+        name = _task_name(task_yaml)
+        model_dir = _model_folder(path, Path(tmp) / "merged")
+        dtype = str(pick_dtype("auto", dev)).removeprefix("torch.")
+        out = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype, "device": str(dev)},
+            tasks=[name], task_manager=TaskManager(include_path=str(task_yaml.parent), include_defaults=False),
+            batch_size=batch_size, limit=limit, log_samples=True, bootstrap_iters=0,
+        )
+    scores = out["results"][name]
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    result: dict[str, Any] = {
+        "model": str(path), "task": name, "task_yaml": str(task), "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "questions": len(samples), "dtype": dtype,
+        "lm_eval": {METRICS.get(k.split(",")[0], k.split(",")[0]): v for k, v in scores.items() if k.endswith(",none") and "stderr" not in k},
+        "lm_eval_logliks": [[float(r[0][0]) for r in s["resps"]] for s in samples],
+    }
+    if questions is not None and limit is None:
+        result["fedlora"] = _fedlora_scores(path, questions, device)
+        result["agree"] = _agreement(result)
+    return result
+
+
+def _fedlora_scores(path: Path, questions: Path, device: str) -> dict[str, Any]:
+    from fedlora.evaluation.choices import read_questions, score_questions
+    from fedlora.evaluation.models import load_for_eval
+
+    m = load_for_eval(path, None, device)
+    return score_questions(m.model, m.tokenizer, read_questions(questions), m.device)
+
+
+def _agreement(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether each accuracy is the same number, and how far apart the log-likelihoods are."""
+    ours, theirs = result["fedlora"], result["lm_eval"]
+    gap = max(abs(a - b) for x, y in zip(ours["logliks"], result["lm_eval_logliks"], strict=True) for a, b in zip(x, y, strict=True))
+    return {**{k: ours[k] == theirs[k] for k in METRICS.values() if k in theirs}, "max_loglik_gap": gap}
+
+
+def _task_name(task_yaml: Path) -> str:
+    try:
+        spec = yaml.safe_load(task_yaml.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"--lm-eval: {task_yaml} is not YAML ({str(e).splitlines()[0]}) (accepted: an lm-eval task YAML)") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+        raise DataError(f"--lm-eval: {task_yaml} names no `task` (accepted: an lm-eval task YAML with task: NAME)")
+    return spec["task"]
+
+
+def _questions_of(task_yaml: Path) -> Path | None:
+    """The MMLU-format file a task YAML reads, if it is one (then fedlora's scorer can run on it too)."""
+    try:
+        files = yaml.safe_load(task_yaml.read_text()).get("dataset_kwargs", {}).get("data_files", {})
+    except (yaml.YAMLError, AttributeError):
+        return None
+    from fedlora.evaluation.choices import is_multiple_choice
+
+    found = [Path(f) for f in (files.values() if isinstance(files, dict) else [files]) if isinstance(f, str)]
+    return found[0] if len(found) == 1 and is_multiple_choice(found[0]) else None
+
+
+def _model_folder(path: Path, scratch: Path) -> Path:
+    """A full model folder lm-eval can load: the folder itself, or a run / adapter merged into ``scratch``."""
+    if (path / "config.json").is_file() and not is_run_dir(path):
+        return path
+    if is_run_dir(path):
+        from fedlora.evaluation.export_run import export_run
+
+        export_run(path, scratch, merged=True)
+        return scratch
+    if (path / "adapter_config.json").is_file():
+        from fedlora.evaluation.models import load_for_eval
+
+        m = load_for_eval(path)  # base + adapter, merged
+        m.model.save_pretrained(scratch, safe_serialization=True)
+        m.tokenizer.save_pretrained(scratch)
+        return scratch
+    raise RunFolderError(f"RUN_DIR|MODEL_DIR: {path} is neither a run folder, an adapter nor a model folder (accepted: a folder from fedlora run or fedlora export)")
+
+
+def describe(result: dict[str, Any]) -> list[str]:
+    """Plain lines for the terminal."""
+    theirs = " · ".join(f"{k} {v:.4f}" for k, v in result["lm_eval"].items())
+    lines = [f"lm-eval-harness {result['lm_eval_version']}, task {result['task']} ({result['questions']} questions, {result['dtype']}): {theirs}"]
+    if ours := result.get("fedlora"):
+        lines.append("fedlora's scorer on the same file: " + " · ".join(f"{k} {ours[k]:.4f}" for k in METRICS.values()))
+        agree = result["agree"]
+        same = all(v for k, v in agree.items() if k != "max_loglik_gap")
+        lines.append(f"{'the same' if same else 'NOT the same'} accuracies; log-likelihoods at most {agree['max_loglik_gap']:.2e} apart")
+    return lines
+
+
+def dumps(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2)
