@@ -36,13 +36,14 @@ from tests.conftest import rel_err
 from tests.tiny_folder import FAMILIES, FUSED, TIED, missing_class, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-HOMOGENEOUS = {"fedit", "fedsa"}  # one rank for every client
-PERSONAL = {"fedsa"}  # no global model: client 0's own model is exported and checked
+from fedlora.methods import REGISTRY
+
+HOMOGENEOUS = {"fedit", "fedsa", "ffa", "fedex", "rolora"}  # one rank for every client
+PERSONAL = {"fedsa", "local"}  # no global model: client 0's own model is exported and checked
 FAST = ["federation.rounds=1", "train.local_steps=1", "train.lr=0.05", "train.max_length=48", "data.max_examples=24",
         "eval.max_examples=4", "federation.num_clients=2"]
-METHODS = ["flora", "fedplora", "fedit", "flexlora", "fedsa"]
-CASES = [("phi3", m) for m in METHODS] + [("llama", "flora"), ("qwen2", "fedplora"), ("qwen3", "fedsa"), ("mistral", "flexlora"), ("gemma2", "fedit"),
-                                           ("gemma3", "flora")]
+METHODS = sorted(REGISTRY)
+CASES = [(f, m) for f in FAMILIES for m in METHODS]
 END_OF_TURN = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>\n", "qwen3": "<|im_end|>\n", "mistral": "<eos>", "gemma2": "<end_of_turn>\n",
                "gemma3": "<end_of_turn>\n", "phi3": "<|end|>\n"}
 
@@ -106,7 +107,7 @@ def check_export(base: Path, run: Path, exported: Path, personal: bool) -> PeftM
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base).eval(), exported).eval()
     got = CausalLM().evaluate(peft_model, examples, cfg.eval.batch_size, ours.tokenizer.pad_token_id, torch.device("cpu"))["loss"]
     assert got == pytest.approx(where(lines[-1]), rel=1e-6)  # what the run measured on its own global model
-    assert abs(where(lines[-1]) - where(lines[0])) > 1e-4  # and the update changed it: the base alone would fail the line above
+    assert abs(where(lines[-1]) - where(lines[0])) > 2 * 1e-6 * where(lines[0])  # the update moved it beyond that tolerance: the base alone fails
     ids = torch.tensor([examples[0].input_ids])  # a real prompt, chat-template markers included
     assert rel_err(logits(peft_model, ids), logits(ours.model, ids)) < 1e-5
     assert rel_err(logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids), logits(ours.model, ids)) > 1e-2
