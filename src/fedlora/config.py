@@ -130,7 +130,7 @@ class TrainCfg(Section):
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: the response only).")
     precision: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Matrix multiplies of training and evaluation: float32, bfloat16 (autocast; float32 master weights), "
-                               "float16 (autocast with loss scaling, for GPUs without bfloat16), "
+                               "float16 (autocast with loss scaling, for GPUs without bfloat16; steps an overflow skipped are each client's skipped_steps in metrics.jsonl), "
                                "or auto = bfloat16 where the hardware has it (CUDA with bf16, CPUs with AVX512-BF16 or AMX).")
 
 

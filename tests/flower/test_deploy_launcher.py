@@ -115,7 +115,36 @@ def test_deploy_resume_of_a_finished_run_starts_nothing_and_changes_nothing(tmp_
     (run / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (0, 1, 2)))  # tiny.yaml: 2 rounds
     (run / "summary.json").write_text("{}")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()}
-    assert main(["--resume", str(run)]) == 0
+    assert main(["--resume", str(run), "federation.rounds=5"]) == 2  # a resume keeps the run's own settings
+    assert "--resume: federation.rounds=5 differs from 2" in capsys.readouterr().err
+    assert main(["--resume", str(run), "output.trackers=[tensorboard]"]) == 0  # output.* may change
     assert "is finished (round 2 of 2): nothing to resume" in capsys.readouterr().out
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()} == before
     assert not (tmp_path / ".run.flower").exists()  # no federation was started
+
+
+def test_deploy_resume_reports_the_redone_round(tmp_path):
+    """A resumed ServerApp cuts metrics.jsonl back to its checkpoint and redoes the rounds after it: each is news,
+    the lines the file held before are not (round 2 was written, but its checkpoint was not complete)."""
+    import json
+    from types import SimpleNamespace
+
+    from fedlora.flower.launch import RunHandle
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = [json.dumps({"round": r, "wall_s": 1.0}) + "\n" for r in (0, 1, 2)]
+    (out / "metrics.jsonl").write_text("".join(old))
+    writer = (
+        "import json, os, time, pathlib; d = pathlib.Path(%r); old = %r\n"
+        "time.sleep(0.3); (d / 'm.tmp').write_text(''.join(old[:2])); os.replace(d / 'm.tmp', d / 'metrics.jsonl')\n"
+        "for r in (2, 3):\n"
+        "    time.sleep(0.3)\n"
+        "    with open(d / 'metrics.jsonl', 'a') as f: f.write(json.dumps({'round': r, 'wall_s': 2.0}) + '\\n')\n"
+        "(d / 'summary.json').write_text(json.dumps({'rounds': 3}))\n" % (str(out), old)
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
+    seen = []
+    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
+    assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
+    assert [(e["round"], e["wall_s"]) for e in seen] == [(2, 2.0), (3, 2.0)]

@@ -195,11 +195,29 @@ def test_float16_trains_with_loss_scaling_and_uploads_float32(tiny_llama, gen):
     assert precision.resolve("float16", cpu) is torch.float16
     assert isinstance(precision.grad_scaler(torch.float16, cpu), torch.amp.GradScaler)
     assert precision.grad_scaler(torch.bfloat16, cpu) is None and precision.grad_scaler(None, cpu) is None
+    tiny_llama.float()  # autocast casts float32 work to float16 (the fixture's float64 it leaves alone)
     shapes = target_layer_shapes(tiny_llama, TARGETS)
     host = AdapterHost(tiny_llama, list(shapes))
     cfg = TrainCfg(local_steps=6, batch_size=4, micro_batch_size=2, lr=1e-2, precision="float16")
     trainer = LocalTrainer(host, cfg, TARGETS, 0, cpu, 0)
     losses: list[float] = []
-    update, _ = trainer.fit(build_method("flora", Setup(shapes, {0: 2}, {0: 2.0})).plan(0, 1), _examples(4, gen), on_step=losses.append)
+    update, stats = trainer.fit(build_method("flora", Setup(shapes, {0: 2}, {0: 2.0})).plan(0, 1), _examples(4, gen), on_step=losses.append)
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(f.A.dtype is torch.float32 and torch.isfinite(f.B).all() and f.B.abs().sum() > 0 for f in update.factors.values())
+    assert stats.steps == 6 and stats.skipped_steps == 0
+
+
+def test_float16_counts_the_steps_an_overflow_skipped(tiny_llama, gen, monkeypatch):
+    """A loss scale of 2^60 overflows every float16 gradient: no step is taken, each is counted, B stays zero."""
+    from fedlora.train import local, precision
+    from fedlora.train.local import LocalTrainer
+
+    monkeypatch.setattr(local, "grad_scaler", lambda dtype, device: torch.amp.GradScaler(device.type, init_scale=2.0**60))
+    tiny_llama.float()  # autocast casts float32 work to float16 (the fixture's float64 it leaves alone)
+    shapes = target_layer_shapes(tiny_llama, TARGETS)
+    trainer = LocalTrainer(AdapterHost(tiny_llama, list(shapes)), TrainCfg(local_steps=3, batch_size=4, micro_batch_size=4, lr=1e-2, precision="float16"),
+                           TARGETS, 0, torch.device("cpu"), 0)
+    update, stats = trainer.fit(build_method("flora", Setup(shapes, {0: 2}, {0: 2.0})).plan(0, 1), _examples(4, gen))
+    assert precision.resolve("float16", torch.device("cpu")) is torch.float16
+    assert (stats.steps, stats.skipped_steps) == (3, 3)
+    assert all(float(f.B.abs().sum()) == 0.0 for f in update.factors.values())  # flora's B starts at zero: no step, no change

@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         update.num_examples, update.train_loss, ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
     content = update_to_records(
         update, upload=plan.upload, wire=rt.cfg.federation.wire_dtype, node_rank=node.rank or rt.cfg.client_ranks()[node.partition],
-        stats={"padded-fraction": stats.padded_fraction, "steps": stats.steps, **timing},
+        stats={"padded-fraction": stats.padded_fraction, "steps": stats.steps, "skipped-steps": stats.skipped_steps, **timing},
     )
     return Message(content, reply_to=msg)
 

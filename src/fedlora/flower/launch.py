@@ -45,7 +45,9 @@ class RunHandle:
     def wait(self, timeout: float = 1800, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Wait for the run; its summary.json, or FlowerRunError with the logs' tails. ``on_round``: each new metrics line."""
         name = next(n for n, p in self.federation.procs.items() if p is self.proc)
-        deadline, pos = time.monotonic() + timeout, self._new_rounds((0, -1), None)  # a resumed run's earlier rounds are not news
+        metrics = self.output_dir / "metrics.jsonl"
+        self._stale = set(metrics.read_bytes().splitlines()) if metrics.is_file() else set()  # a resumed run's lines: not news
+        deadline, pos = time.monotonic() + timeout, (0, -1)
         while not (done := _exited(self.proc, min(2.0, max(0.0, deadline - time.monotonic())))) and time.monotonic() < deadline:
             pos = self._new_rounds(pos, on_round)
         self._new_rounds(pos, on_round)
@@ -63,7 +65,8 @@ class RunHandle:
         """Pass each complete metrics line of a round after the last one passed to ``on_round``; (bytes read, last round).
 
         A poll reads only the bytes after the last one, not the whole file (which grows with the rounds); when the
-        file was cut back (a resumed ServerApp drops the rounds after its checkpoint), it is read again from the start."""
+        file was cut back (a resumed ServerApp drops the rounds after its checkpoint), it is read again from the start.
+        Lines the file held before the run started are not news; a redone round's line differs from them (its times)."""
         read, last = pos
         metrics = self.output_dir / "metrics.jsonl"
         if not metrics.is_file():
@@ -75,6 +78,8 @@ class RunHandle:
             new = f.read()
         complete = new[: new.rfind(b"\n") + 1]
         for line in complete.splitlines():
+            if line in getattr(self, "_stale", ()):
+                continue
             entry = json.loads(line)
             if entry["round"] > last:
                 last = entry["round"]
@@ -269,6 +274,7 @@ def _ray_tmp(workdir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from fedlora.app.preflight import preflight
+    from fedlora.app.run_dir import resume_config
     from fedlora.config import ConfigError, load_config, packaged_config
     from fedlora.methods import MethodError
 
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.output = str(resumed / "config.yaml"), str(resumed)
     config = Path(args.config).resolve() if args.config else packaged_config("default")
     try:
-        cfg = load_config(config, args.overrides)
+        cfg = resume_config(Path(args.output), None, args.overrides) if args.resume else load_config(config, args.overrides)  # resume: output.* only
         preflight(cfg)
     except (ConfigError, MethodError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                      else f"{nodes} SuperNodes")
             print(f"SuperLink {fed.address}{' (TLS)' if fed.tls else ''}, {where}; logs and node state in {workdir}", flush=True)
             print(f"run folder {output}: {cfg.federation.rounds} rounds of {cfg.federation.method}, one line per round", flush=True)
-            summary = fed.run(config, output, [] if args.resume else args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
+            summary = fed.run(config, output, args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
                               **({"resume": True} if args.resume else {}))
     except FlowerRunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = settings.load()
     out = settings.run_dir(cfg)
     if settings.resume:  # the run's own settings; the folder must hold its config
-        cfg = resume_config(out, out / "config.yaml", [f"output.dir={out}"])
+        cfg = resume_config(out, None, [*settings.overrides, f"output.dir={out}"])  # output.* may change, nothing else
     run = RunDir(out, resume=settings.resume)  # refuses a folder that already holds files, before any waiting
     held = lock(out)  # noqa: F841 - one ServerApp per run folder, until this process ends
     roster = Roster(cfg.federation.num_clients)

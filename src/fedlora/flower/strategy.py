@@ -109,7 +109,8 @@ class FedLoraStrategy(Strategy):
                 sent.round.server.rejected.append({"id": k, "reason": f"undecodable reply: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"})
                 continue
             extras = {
-                "padded_fraction": float(stats.get("padded-fraction", 0.0)), "wire_bytes_up": message_nbytes(content),
+                "padded_fraction": float(stats.get("padded-fraction", 0.0)), "skipped_steps": int(stats.get("skipped-steps", 0)),
+                "wire_bytes_up": message_nbytes(content),
                 "wire_bytes_down": sent.wire_down[k], "node": arrived[k].metadata.src_node_id, "node_rank": node_rank,
                 "timing": {key.removesuffix("-s").replace("-", "_") + "_s": v for key, v in stats.items() if key.endswith("-s")},
             }

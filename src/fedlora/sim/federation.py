@@ -77,7 +77,7 @@ class Simulation:
             plan, update, stats, kept = client_round(exp.method, exp.trainer, sent, self.server.train_data(k), self.server.kept.get(k), self.hooks.step)
             if kept is not None:
                 self.server.kept[k] = kept  # the client's, never sent: in process it lives beside the server
-            self.server.receive(rnd, Arrival(sent, plan, update, start_of(exp.method, plan), {"padded_fraction": stats.padded_fraction}))
+            self.server.receive(rnd, Arrival(sent, plan, update, start_of(exp.method, plan), {"padded_fraction": stats.padded_fraction, "skipped_steps": stats.skipped_steps}))
             del sent, plan, update  # folded in: not kept
             self.hooks.client_end(number, k)
         return self.server.close(rnd)

@@ -25,6 +25,7 @@ class FitStats:
     steps: int
     real_tokens: int
     padded_tokens: int
+    skipped_steps: int = 0  # float16: steps whose gradients overflowed, so the optimizer did not step (the scaler halved its scale)
 
     @property
     def padded_fraction(self) -> float:
@@ -108,7 +109,7 @@ class LocalTrainer:
         batches = length_grouped_batches([len(e.input_ids) for e in train], cfg.batch_size, seed)
         targets = [task.targets(e) for e in train]  # loss terms per example, counted once per client
         model.train()
-        losses, real, padded = [], 0, 0
+        losses, real, padded, skipped = [], 0, 0, 0
         for step in range(cfg.local_steps):
             batch = batches[step % len(batches)]
             n_answer = max(sum(targets[i] for i in batch), 1)
@@ -135,10 +136,12 @@ class LocalTrainer:
                 optimizer.step()
             if stepped:  # AdaLoRA's budgeting reads p·grad: never from a skipped step's inf gradients
                 self.after_step(model, step)
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / n_answer)
             if on_step:
                 on_step(float(losses[-1]))  # the progress bar's one sync per step
         model.eval()
         mean = float(torch.stack(losses).double().mean()) if losses else math.nan
-        return FitStats(train_loss=mean, steps=len(losses), real_tokens=real, padded_tokens=padded)
+        return FitStats(train_loss=mean, steps=len(losses), real_tokens=real, padded_tokens=padded, skipped_steps=skipped)
