@@ -34,6 +34,28 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def as_in(m: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """A metrics line cut to the keys of the simulator's line ``like`` (Flower adds wire bytes, nodes, timings), less times and memory."""
+    out = {k: m[k] for k in like if k not in ("wall_s", "rss_mb")}
+    if "clients" in like:
+        out["clients"] = [{k: c[k] for k in lc} for c, lc in zip(m["clients"], like["clients"], strict=True)]
+    return out
+
+
+def assert_bit_for_bit(run: Path, sim: dict[str, Any]) -> None:
+    """Every metrics line (bar times) and every G_t − W_0 of a Flower run with ``checkpoint_deltas`` equal the simulator's."""
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == sorted(sim["metrics_by_round"])
+    for f in metrics:  # every loss, counter, weight and diagnostic, exactly
+        s = sim["metrics_by_round"][f["round"]]
+        assert as_in(f, s) == as_in(s, s), f"round {f['round']}"
+    for rnd, want in sim["deltas"].items():  # the very same float32 numbers (round 0: none written, G_0 = W_0)
+        if rnd == 0:
+            continue
+        got = dense_file(run / "checkpoints" / f"round-{rnd}-delta.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), f"round {rnd}"
+
+
 def dense(delta) -> dict[str, torch.Tensor]:
     """G − W_0 per layer, densified in float64."""
     return {n: sum(t.dense().double() for t in terms) for n, terms in delta.items() if terms}
@@ -98,7 +120,8 @@ def simulate(embedded_model) -> Callable[[list[str]], dict[str, Any]]:
                 Simulation(exp, hooks).run(records.append)
             finally:
                 torch.set_num_threads(threads)
-            _SIMS[key] = {"metrics": json.loads(json.dumps(records)), "deltas": deltas}
+            metrics = json.loads(json.dumps(records))
+            _SIMS[key] = {"metrics": metrics, "metrics_by_round": {m["round"]: m for m in metrics}, "deltas": deltas}
             del exp
         return _SIMS[key]
 

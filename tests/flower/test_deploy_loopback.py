@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fedlora.flower.launch import FlowerRunError, LocalFederation
-from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, dense_file, read_metrics, rel_err_layers
+from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, assert_bit_for_bit, dense_file, read_metrics, rel_err_layers
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +80,26 @@ def assert_matches_simulator(run: Path, sim: dict, rounds: list[int]) -> None:
 
 
 @pytest.mark.parametrize("method", ["flora"])  # fedplora's wire (indices, folds) is checked bit for bit in test_flower_inprocess.py
-def test_flower_deploy_matches_the_simulator_and_the_byte_table(loopback, simulate, tmp_path, method):
+def test_flower_deploy_over_tls_with_node_authentication_matches_the_simulator_and_the_byte_table(federation, simulate, tmp_path, method):
+    """(a, b) SmolLM2 over TLS (a CA and a server certificate for 127.0.0.1, generated here), with SuperNode
+    authentication: registered keys connect, an unregistered key is refused; the run equals the simulator's."""
+    from fedlora.flower.certs import make_node_key
+
+    fed = federation(auth=True)
+    private, _ = make_node_key(tmp_path / "keys", "intruder")  # never registered
+    fed.start_node(0, ["--auth-supernode-private-key", str(private), "--max-retries", "0"], name="intruder", wait=False)
     overrides = [*FAST, f"federation.method={method}"]
     t0 = time.perf_counter()
-    summary = loopback.run(TINY, tmp_path / "run", overrides, checkpoint_deltas=True, round_timeout=900)
+    summary = fed.run(TINY, tmp_path / "run", overrides, checkpoint_deltas=True, round_timeout=900)
     flower_s = time.perf_counter() - t0
     sim = simulate(overrides)
     assert_matches_simulator(tmp_path / "run", sim, rounds=[1, 2])
+    assert_bit_for_bit(tmp_path / "run", sim)  # one torch thread everywhere: not only close, the same numbers
+    assert 'root-certificates = "' in (fed.cli_home / "config.toml").read_text()
+    assert "https://127.0.0.1" in (fed.logs / "superlink.log").read_text()
+    assert "Failed to activate SuperNode" in (fed.logs / "intruder.log").read_text()
+    online = _online_nodes(fed)
+    assert len(online) == 3 and {c["node"] for c in read_metrics(tmp_path / "run")[1]["clients"]} == set(online)
 
     # (d) what crossed the wire, against methods.md §1's table (float32)
     ranks = [4, 2, 1]
@@ -110,24 +123,6 @@ def test_flower_deploy_matches_the_simulator_and_the_byte_table(loopback, simula
     assert rel_err_layers(final, sim["deltas"][2]) < 1e-5  # export compresses in float64, stores float32
     print(f"\n{method}: Flower run {flower_s:.0f} s, wall per round {[round(m['wall_s']) for m in read_metrics(run)]}, "
           f"client timings {[c['timing'] for c in read_metrics(run)[1]['clients']]}")
-
-
-def test_flower_deploy_over_tls_with_node_authentication_matches_the_simulator(federation, simulate, tmp_path):
-    """(b) The same run over TLS (a CA and a server certificate for 127.0.0.1, generated here), with
-    SuperNode authentication: registered keys connect, an unregistered key is refused."""
-    from fedlora.flower.certs import make_node_key
-
-    fed = federation(auth=True)
-    private, _ = make_node_key(tmp_path / "keys", "intruder")  # never registered
-    fed.start_node(0, ["--auth-supernode-private-key", str(private), "--max-retries", "0"], name="intruder", wait=False)
-    overrides = [*FAST, "federation.method=flora"]
-    fed.run(TINY, tmp_path / "run", [*overrides, "federation.rounds=1"], checkpoint_deltas=True, round_timeout=900)
-    assert 'root-certificates = "' in (fed.cli_home / "config.toml").read_text()
-    assert "https://127.0.0.1" in (fed.logs / "superlink.log").read_text()
-    assert_matches_simulator(tmp_path / "run", simulate(overrides), rounds=[1])  # round 1 of the same seeded run
-    assert "Failed to activate SuperNode" in (fed.logs / "intruder.log").read_text()
-    online = _online_nodes(fed)
-    assert len(online) == 3 and {c["node"] for c in read_metrics(tmp_path / "run")[1]["clients"]} == set(online)
 
 
 def _online_nodes(fed: LocalFederation) -> list[int]:
@@ -183,24 +178,15 @@ def _serverapps() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if any("flwr-serverapp" in str(x) for x in (p.info["cmdline"] or []))]
 
 
-def _comparable(run: Path) -> list[dict]:
-    """metrics.jsonl without what measures the machine (times, memory)."""
-    out = []
-    for m in read_metrics(run):
-        m = {k: v for k, v in m.items() if k not in ("wall_s", "rss_mb")}
-        m["clients"] = [{k: v for k, v in c.items() if k != "timing"} for c in m["clients"]]
-        out.append(m)
-    return out
-
-
-def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tiny_model, tmp_path):
+def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, simulate, tiny_model, tmp_path):
     """The ServerApp is SIGKILLed after its round-1 checkpoint; a new one started with ``resume`` on the same
-    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run.
-    Three whole deployments: on a tiny random Llama (the claim is about processes and state, not the model)."""
+    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run
+    would: the in-process simulator's run bit for bit, which an uninterrupted Flower run equals (the tests above
+    and tests/flower/test_ray_simulation.py). Two deployments on a tiny random Llama (the claim is about processes
+    and state, not the model)."""
     overrides = [*FAST, "federation.method=flora", f"model.path={tiny_model}"]  # 2 rounds: killed after round 1, round 2 by the new ServerApp
-    loopback.run(TINY, tmp_path / "whole", overrides, round_timeout=900)
     broken = tmp_path / "broken"
-    handle = loopback.submit(TINY, broken, overrides, round_timeout=900)
+    handle = loopback.submit(TINY, broken, overrides, round_timeout=900, checkpoint_deltas=True)
     deadline = time.monotonic() + 900
     while not (broken / "checkpoints" / "round-0001" / "state.json").is_file():
         assert handle.running() and time.monotonic() < deadline, "the run ended before its round-1 checkpoint"
@@ -209,11 +195,10 @@ def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, tiny_mod
     app.send_signal(signal.SIGKILL)
     with pytest.raises(FlowerRunError):
         handle.wait(300)
-    assert not (broken / "final").exists()
-    loopback.run(TINY, broken, overrides, round_timeout=900, resume=True)
-    assert _comparable(broken) == _comparable(tmp_path / "whole")
-    ta, tb = (load_file(r / "final" / "adapter_model.safetensors") for r in (broken, tmp_path / "whole"))
-    assert set(ta) == set(tb) and all(ta[k].equal(tb[k]) for k in ta)
+    assert not (broken / "final").exists() and not (broken / "checkpoints" / "round-2-delta.safetensors").exists()
+    loopback.run(TINY, broken, overrides, round_timeout=900, resume=True, checkpoint_deltas=True)
+    assert_bit_for_bit(broken, simulate(overrides))
+    assert (broken / "final" / "adapter_model.safetensors").is_file() and json.loads((broken / "summary.json").read_text())["rounds"] == 2
 
 
 def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simulator(loopback, simulate, tmp_path):
