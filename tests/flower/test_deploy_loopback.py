@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fedlora.flower.launch import FlowerRunError, LocalFederation
-from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, assert_bit_for_bit, dense_file, read_metrics, rel_err_layers
+from tests.flower.conftest import FAST, LAYERS, QV, THREADS, TINY, as_in, assert_bit_for_bit, dense_file, read_metrics, rel_err_layers
 
 pytestmark = pytest.mark.slow
 
@@ -130,16 +130,16 @@ def _online_nodes(fed: LocalFederation) -> list[int]:
     return [int(n["node-id"]) for n in json.loads(out[out.index("{"):])["nodes"] if n.get("status") == "online"]
 
 
-def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_bfloat16(federation, tmp_path):
+def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_bfloat16(federation, tiny_model, tmp_path):
     """(c) SuperNode 2 dies (SIGKILL to its process group) while it trains in round 1: round 1 ends with
     the other two once the SuperLink misses its heartbeats, round 2 runs without it, the run finishes.
     On the way: node 0 trains on its own data file, node 1 declares rank 3 (the config says 2), and
-    the factors travel as bfloat16."""
+    the factors travel as bfloat16. On a tiny random Llama (hidden 32, 2 blocks): the claim is about nodes, not the model."""
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}."}) + "\n" for i in range(30)))
     fed = federation(node_config={0: {"data-path": str(own)}, 1: {"rank": 3}})
     run = tmp_path / "run"
-    overrides = [*FAST, "federation.method=flora", "federation.min_clients=2", "federation.wire_dtype=bfloat16"]
+    overrides = [*FAST, "federation.method=flora", "federation.min_clients=2", "federation.wire_dtype=bfloat16", f"model.path={tiny_model}"]
     handle = fed.submit(TINY, run, overrides, round_timeout=300)
     node_log, deadline = fed.logs / "node-2.log", time.monotonic() + 600
     while "Receiving: train message" not in (node_log.read_text() if node_log.exists() else ""):
@@ -161,14 +161,17 @@ def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_
     assert (run / "final" / "adapter_model.safetensors").is_file() and summary["rounds"] == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["ranks"] == [4, 3, 1]  # the ranks the nodes declared
 
-    # (d) bfloat16 on the wire: the float32 counters stay the table, the wire carries half of it (+ key names)
+    # (d) bfloat16 on the wire: the float32 counters stay the table, the wire carries half of it, plus the key names
+    layers = [f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in "qv"]
+    per_rank = 2 * ((32 + 32) + (32 + 16))  # Σ over the layers of d_in + d_out: q_proj 32 → 32, v_proj 32 → 16
+    keys = sum(len(f"factors/{n}/{w}") for n in layers for w in "BA")
     for m in metrics[1:]:
         for c in m["clients"]:
-            assert c["bytes_up"] == table_up("flora", c["rank"])
-            assert 0.5 <= c["wire_bytes_up"] / table_up("flora", c["rank"]) < 0.53
+            assert c["bytes_up"] == 4 * c["rank"] * per_rank
+            assert c["wire_bytes_up"] == 2 * c["rank"] * per_rank + keys, (c["wire_bytes_up"], 2 * c["rank"] * per_rank + keys)
     for c in metrics[2]["clients"]:  # the round-1 stack of the two clients that trained: rank 4 + 3
-        assert c["bytes_down"] == table_down("flora", 2, c["rank"], [4, 3])
-        assert 0.5 <= c["wire_bytes_down"] / table_down("flora", 2, c["rank"], [4, 3]) < 0.51
+        assert c["bytes_down"] == 4 * 7 * per_rank
+        assert 2 * 7 * per_rank < c["wire_bytes_down"] < 2 * 7 * per_rank + 4 * keys, c["wire_bytes_down"]
     print(f"\nkill → round 1 took {metrics[1]['wall_s']:.0f} s; run done {time.perf_counter() - t_kill:.0f} s after the kill; "
           f"bf16 uplink wire/table {[round(c['wire_bytes_up'] / c['bytes_up'], 4) for c in metrics[1]['clients']]}, "
           f"downlink {[round(c['wire_bytes_down'] / c['bytes_down'], 4) for c in metrics[2]['clients']]}; lost {metrics[1]['lost']}")
@@ -201,29 +204,30 @@ def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, simulate
     assert (broken / "final" / "adapter_model.safetensors").is_file() and json.loads((broken / "summary.json").read_text())["rounds"] == 2
 
 
-def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simulator(loopback, simulate, tmp_path):
-    """FedSA-LoRA on real SuperNodes: only A crosses the wire (the byte counters and the wire bytes say so),
-    each node keeps its B in its state folder and evaluates its own model, and every client's scores,
-    counters and weights equal the in-process simulator's; each node writes its own final adapter."""
-    overrides = [*FAST, "federation.method=fedsa", "lora.ranks=[2,2,2]"]
+def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simulator(loopback, simulate, tiny_model, tmp_path):
+    """FedSA-LoRA on real SuperNodes: only A crosses the wire (the byte counters and the wire bytes say so, to the
+    byte), each node keeps its B in its state folder and evaluates its own model, and every metrics line equals the
+    in-process simulator's; each node writes its own final adapter. On a tiny random Llama (hidden 32, 2 blocks)."""
+    overrides = [*FAST, "federation.method=fedsa", "lora.ranks=[2,2,2]", f"model.path={tiny_model}"]
     run = tmp_path / "run"
     summary = loopback.run(TINY, run, overrides, round_timeout=900)
     sim = simulate(overrides)
     flower = {m["round"]: m for m in read_metrics(run)}
-    a_bytes = 4 * 2 * LAYERS * (576 + 576)  # r·d_in per layer, q and v (float32)
-    for rnd in (0, 1, 2):
-        f, s = flower[rnd], sim["metrics"][rnd]
-        assert f["eval"]["clients"].keys() == s["eval"]["clients"].keys() == {"0", "1", "2"}
-        for k, c in s["eval"]["clients"].items():
-            assert f["eval"]["clients"][k]["loss"] == pytest.approx(c["loss"], abs=1e-6)
-        assert f["eval"]["global"]["loss"] == pytest.approx(s["eval"]["global"]["loss"], abs=1e-6)
+    layers = [f"model.layers.{i}.self_attn.{t}_proj" for i in range(2) for t in "qv"]
+    a_bytes = 4 * 2 * len(layers) * 32  # r·d_in per layer (float32): q_proj 32 → 32, v_proj 32 → 16
+    a_wire = a_bytes + sum(len(f"factors/{n}/A") for n in layers)  # Flower counts data and key names; B would add 768 B of data
+    assert sorted(flower) == sorted(sim["metrics_by_round"]) == [0, 1, 2]
+    for rnd, f in flower.items():
+        s = sim["metrics_by_round"][rnd]
+        assert as_in(f, s) == as_in(s, s), f"round {rnd}"  # every client's own loss, the counters, the weights: exactly
+        assert f["eval"]["clients"].keys() == {"0", "1", "2"}
         if rnd == 0:
             continue
-        assert f["weights"] == pytest.approx(s["weights"], abs=1e-12) and f["lost"] == [] and f["agg_noise"] is None
-        for fc, sc in zip(f["clients"], s["clients"], strict=True):
-            assert fc["bytes_up"] == fc["bytes_down"] == sc["bytes_up"] == a_bytes
-            assert 1.0 <= fc["wire_bytes_up"] / a_bytes < 1.03 and 1.0 <= fc["wire_bytes_down"] / a_bytes < 1.03  # no B: it would add 67 %
-            assert fc["train_loss"] == pytest.approx(sc["train_loss"], abs=1e-6)
+        assert f["lost"] == [] and f["agg_noise"] is None
+        for fc in f["clients"]:
+            assert fc["bytes_up"] == fc["bytes_down"] == a_bytes
+            assert fc["wire_bytes_up"] == a_wire, (fc["wire_bytes_up"], a_wire)
+            assert a_bytes <= fc["wire_bytes_down"] < a_bytes + 768, fc["wire_bytes_down"]
     losses = [c["loss"] for c in flower[2]["eval"]["clients"].values()]
     assert len(set(losses)) == 3  # three models, one per client
     from fedlora.flower.server_app import run_key

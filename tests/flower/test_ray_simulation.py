@@ -24,7 +24,7 @@ def test_ray_simulation_equals_the_in_process_simulator_bit_for_bit(tmp_path, si
     fed = LocalFederation(tmp_path / "fed", 3, server_threads=THREADS, simulation=Resources(cpus=THREADS))
     try:
         fed.start()
-        summary = fed.run(TINY, tmp_path / "run", overrides, checkpoint_deltas=True, round_timeout=900)
+        summary = fed.run(TINY, tmp_path / "run", [*overrides, "output.trackers=[tensorboard]"], checkpoint_deltas=True, round_timeout=900)
     finally:
         fed.stop()
 
@@ -36,4 +36,12 @@ def test_ray_simulation_equals_the_in_process_simulator_bit_for_bit(tmp_path, si
     assert [m["round"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
     assert_bit_for_bit(tmp_path / "run", sim)  # every metrics line and every G_t − W_0, exactly
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the ServerApp feeds the trackers too
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    lines = read_metrics(tmp_path / "run")
+    assert [e.step for e in events.Scalars("global/loss")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("global/loss")] == pytest.approx([m["eval"]["global"]["loss"] for m in lines], rel=1e-6)
     assert list((tmp_path / "fed" / "nodes").iterdir()), "the virtual nodes' bases are kept inside the workdir"
