@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,13 @@ def test_deploy_resume_reports_the_redone_round(tmp_path):
     handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
     assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
     assert [(e["round"], e["wall_s"]) for e in seen] == [(2, 2.0), (3, 2.0)]
+
+
+def test_rays_socket_paths_fit_whatever_the_workdir(tmp_path):
+    """Ray puts AF_UNIX sockets (at most 107 bytes) under its temp folder: a deep workdir, as under a checkout's runs/, gets a short one."""
+    from fedlora.flower.launch import RAY_SOCKET_SUFFIX, _ray_tmp
+
+    for workdir in (Path("/w"), Path("/work/cirun/main/runs/.20261202-194927-flora-ray.flower"), tmp_path / ("x" * 120)):
+        assert len(str(_ray_tmp(workdir))) + RAY_SOCKET_SUFFIX < 108, workdir
+    assert _ray_tmp(Path("/w")) == Path("/w/ray")  # beside the logs when it fits
+    assert _ray_tmp(tmp_path / "a") != _ray_tmp(tmp_path / "b")  # one per workdir

@@ -262,14 +262,20 @@ def simulation_resources(cpus: float, gpus: float | None) -> Resources:
     return Resources(cpus, gpus)
 
 
+RAY_SOCKET_SUFFIX = len("/session_2026-12-02_19-49-33_203177_4194304/sockets/plasma_store")
+"""What Ray appends to its temp folder for its longest socket path (a 7-digit pid)."""
+
+
 def _ray_tmp(workdir: Path) -> Path:
-    """Ray's session folder: its socket paths must stay under 107 bytes, so a short one when the workdir is deep."""
-    if len(str(workdir)) < 60:
-        return workdir / "ray"
+    """Ray's session folder: its socket paths must stay under 108 bytes (AF_UNIX), so a short one when the workdir is deep."""
+    inside = workdir / "ray"
+    if len(str(inside)) + RAY_SOCKET_SUFFIX < 108:
+        return inside
     import hashlib
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"fedlora-ray-{hashlib.sha256(str(workdir).encode()).hexdigest()[:10]}"
+    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    return base / f"fedlora-ray-{hashlib.sha256(str(workdir).encode()).hexdigest()[:10]}"
 
 
 def main(argv: list[str] | None = None) -> int:
