@@ -17,7 +17,7 @@ pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray: pip in
 pytestmark = pytest.mark.slow
 
 def test_ray_simulation_equals_the_in_process_simulator_bit_for_bit(tmp_path, simulate):
-    from fedlora.flower.launch import LocalFederation, Resources
+    from fedlora.flower.launch import LocalFederation, Resources, _ray_tmp
 
     overrides = [*FAST, "federation.method=flora"]
     sim = simulate(overrides)  # the same seeded run in one process (cached: the SuperNode test compares to it too)
@@ -45,3 +45,5 @@ def test_ray_simulation_equals_the_in_process_simulator_bit_for_bit(tmp_path, si
     assert [e.step for e in events.Scalars("global/loss")] == [0, 1, 2]
     assert [e.value for e in events.Scalars("global/loss")] == pytest.approx([m["eval"]["global"]["loss"] for m in lines], rel=1e-6)
     assert list((tmp_path / "fed" / "nodes").iterdir()), "the virtual nodes' bases are kept inside the workdir"
+    ray = _ray_tmp(fed.workdir)
+    assert ray.is_relative_to(fed.workdir) or not ray.exists(), f"Ray's session folder {ray} outlived the federation"
