@@ -56,13 +56,15 @@ def test_lm_eval_on_a_run_folder_equals_fedloras_scorer(run_and_questions, tmp_p
     assert "the same accuracies" in printed and "lm-eval-harness" in printed
 
 
-def test_lm_eval_reads_a_users_task_yaml_over_a_local_jsonl(run_and_questions, tmp_path):
-    """The documented task YAML (``dataset_path: json`` with ``data_files``), passed as a file, gives the same numbers."""
+def test_lm_eval_reads_a_users_task_yaml_over_a_local_jsonl(run_and_questions, tmp_path, monkeypatch, capfd):
+    """The documented task YAML (``dataset_path: json`` with ``data_files``), passed as a file, gives the same numbers;
+    run outside a git checkout, as after a pip install, nothing complains about git."""
     import yaml
 
     from fedlora.evaluation.lm_eval_task import run_lm_eval, write_task
 
     run, questions = run_and_questions
+    monkeypatch.chdir(tmp_path)
     task = write_task(questions, tmp_path / "tasks", name="my_local_mmlu")
     spec = yaml.safe_load(task.read_text())
     assert spec["dataset_path"] == "json" and spec["dataset_kwargs"]["data_files"]["test"] == str(questions.resolve())
@@ -70,6 +72,7 @@ def test_lm_eval_reads_a_users_task_yaml_over_a_local_jsonl(run_and_questions, t
     assert result["task"] == "my_local_mmlu" and all(result["agree"][k] for k in ("accuracy", "accuracy_norm", "accuracy_bytes"))
     limited = run_lm_eval(run, task, limit=3)
     assert limited["questions"] == 3 and "fedlora" not in limited
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_lm_eval_errors_are_one_line(run_and_questions, tmp_path, capsys):

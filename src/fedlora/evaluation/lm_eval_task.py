@@ -71,11 +71,17 @@ def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limi
         name = _task_name(task_yaml)
         model_dir = _model_folder(path, Path(tmp) / "merged")
         dtype = str(pick_dtype("auto", dev)).removeprefix("torch.")
-        out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype, "device": str(dev)},
-            tasks=[name], task_manager=TaskManager(include_path=str(task_yaml.parent), include_defaults=False),
-            batch_size=batch_size, limit=limit, log_samples=True, bootstrap_iters=0,
-        )
+        import lm_eval.evaluator as evaluator
+
+        probe, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, _git_hash  # theirs prints git's "fatal: not a git repository"
+        try:
+            out = lm_eval.simple_evaluate(
+                model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype, "device": str(dev)},
+                tasks=[name], task_manager=TaskManager(include_path=str(task_yaml.parent), include_defaults=False),
+                batch_size=batch_size, limit=limit, log_samples=True, bootstrap_iters=0,
+            )
+        finally:
+            evaluator.get_git_commit_hash = probe
     scores = out["results"][name]
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     result: dict[str, Any] = {
@@ -88,6 +94,17 @@ def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limi
         result["fedlora"] = _fedlora_scores(path, questions, device)
         result["agree"] = _agreement(result)
     return result
+
+
+def _git_hash() -> str | None:
+    """lm-eval's record of the folder's git commit, without git's complaint outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _fedlora_scores(path: Path, questions: Path, device: str) -> dict[str, Any]:
