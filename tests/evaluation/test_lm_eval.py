@@ -85,3 +85,29 @@ def test_lm_eval_errors_are_one_line(run_and_questions, tmp_path, capsys):
         assert main(["eval", str(run), "--lm-eval", str(task)]) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
+
+
+def test_a_users_own_task_runs_alone_and_is_compared_only_when_it_asks_fedloras_questions(run_and_questions, tmp_path, capsys):
+    """A .yml among other task files (one of the same name) is the one run; a changed prompt is scored by lm-eval
+    but not set beside fedlora's scorer, which asks other questions; a data file that is not there is one line."""
+    import yaml
+
+    from fedlora.cli import main
+    from fedlora.evaluation.lm_eval_task import run_lm_eval, task_spec
+
+    run, questions = run_and_questions
+    spec = task_spec(questions, name="mine")
+    (tmp_path / "decoy.yaml").write_text(yaml.safe_dump({**spec, "doc_to_text": "{{question}}?"}))  # same task name, other prompt
+    mine = tmp_path / "mine.yml"
+    mine.write_text(yaml.safe_dump(spec))
+    result = run_lm_eval(run, mine)
+    assert result["task"] == "mine" and all(result["agree"][k] for k in ("accuracy", "accuracy_norm", "accuracy_bytes"))
+    other = run_lm_eval(run, tmp_path / "decoy.yaml")
+    assert other["questions"] == len(QUESTIONS) and "fedlora" not in other and "agree" not in other
+    assert other["lm_eval_logliks"] != result["lm_eval_logliks"]  # the decoy's prompt was what ran
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(yaml.safe_dump(task_spec(tmp_path / "nowhere.jsonl", name="gone")))
+    capsys.readouterr()  # what the runs above printed
+    assert main(["eval", str(run), "--lm-eval", str(gone)]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere.jsonl, which is not a file here" in err and err.count("\n") == 1

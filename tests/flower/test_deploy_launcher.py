@@ -67,7 +67,7 @@ def test_deploy_reports_each_round_as_its_metrics_line_lands(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from fedlora.flower.launch import RunHandle
+    from fedlora.flower.launch import RunHandle, metrics_lines
 
     out = tmp_path / "run"
     out.mkdir()
@@ -79,9 +79,10 @@ def test_deploy_reports_each_round_as_its_metrics_line_lands(tmp_path):
         "    with open(d / 'metrics.jsonl', 'a') as f: f.write(json.dumps({'round': r, 'eval': {'global': {'loss': 1.0 / r}}}) + '\\n')\n"
         "(d / 'summary.json').write_text(json.dumps({'rounds': 3}))\n" % str(out)
     )
+    stale = metrics_lines(out)  # as LocalFederation.submit takes them, before the run starts
     proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
     seen = []
-    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
+    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path), stale)
     assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
     assert [e["round"] for e in seen] == [1, 2, 3]
 
@@ -130,7 +131,7 @@ def test_deploy_resume_reports_the_redone_round(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from fedlora.flower.launch import RunHandle
+    from fedlora.flower.launch import RunHandle, metrics_lines
 
     out = tmp_path / "run"
     out.mkdir()
@@ -144,9 +145,10 @@ def test_deploy_resume_reports_the_redone_round(tmp_path):
         "    with open(d / 'metrics.jsonl', 'a') as f: f.write(json.dumps({'round': r, 'wall_s': 2.0}) + '\\n')\n"
         "(d / 'summary.json').write_text(json.dumps({'rounds': 3}))\n" % (str(out), old)
     )
+    stale = metrics_lines(out)  # as LocalFederation.submit takes them, before the run starts
     proc = subprocess.Popen([sys.executable, "-c", writer], start_new_session=True)
     seen = []
-    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path))
+    handle = RunHandle(proc, out, tmp_path / "run.log", SimpleNamespace(procs={"run-1": proc}, logs=tmp_path), stale)
     assert handle.wait(timeout=60, on_round=seen.append) == {"rounds": 3}
     assert [(e["round"], e["wall_s"]) for e in seen] == [(2, 2.0), (3, 2.0)]
 

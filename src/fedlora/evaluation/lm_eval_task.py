@@ -27,8 +27,16 @@ METRICS = {"acc": "accuracy", "acc_norm": "accuracy_norm", "acc_bytes": "accurac
 
 def write_task(questions: Path, folder: Path, name: str = TASK) -> Path:
     """The lm-eval task YAML of an MMLU-format JSONL file, with fedlora's prompt; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task_spec(questions, name), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def task_spec(questions: Path, name: str = TASK) -> dict[str, Any]:
+    """The task: ``dataset_path: json`` over the file, and the prompt, choices and metrics of ``fedlora.evaluation.choices``."""
     questions = Path(questions).resolve()
-    task = {
+    return {
         "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(questions)}},
@@ -40,10 +48,6 @@ def write_task(questions: Path, folder: Path, name: str = TASK) -> Path:
         "target_delimiter": " ",
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS],
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
-    return path
 
 
 def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limit: int | None = None, device: str = "auto") -> dict[str, Any]:
@@ -65,7 +69,7 @@ def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limi
             read_questions(task)  # a bad line is one line naming it, before lm-eval loads anything
             questions, task_yaml = task, write_task(task, Path(tmp) / "task")
         elif task.suffix in (".yaml", ".yml"):
-            task_yaml, questions = task, _questions_of(task)
+            task_yaml, questions = _stage(task, Path(tmp) / "task"), _questions_of(task)
         else:
             raise DataError(f"--lm-eval: {task} is neither a task YAML nor MMLU-format JSONL (accepted: .yaml with a task, or .jsonl with question, choices, answer)")
         name = _task_name(task_yaml)
@@ -82,17 +86,21 @@ def run_lm_eval(path: str | Path, task: str | Path, *, batch_size: int = 8, limi
             )
         finally:
             evaluator.get_git_commit_hash = probe
-    scores = out["results"][name]
-    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-    result: dict[str, Any] = {
-        "model": str(path), "task": name, "task_yaml": str(task), "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
-        "questions": len(samples), "dtype": dtype,
-        "lm_eval": {METRICS.get(k.split(",")[0], k.split(",")[0]): v for k, v in scores.items() if k.endswith(",none") and "stderr" not in k},
-        "lm_eval_logliks": [[float(r[0][0]) for r in s["resps"]] for s in samples],
-    }
-    if questions is not None and limit is None:
-        result["fedlora"] = _fedlora_scores(path, questions, device)
-        result["agree"] = _agreement(result)
+        scores = out["results"][name]
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        result: dict[str, Any] = {
+            "model": str(path), "task": name, "task_yaml": str(task), "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+            "questions": len(samples), "dtype": dtype,
+            "lm_eval": {METRICS.get(k.split(",")[0], k.split(",")[0]): v for k, v in scores.items() if k.endswith(",none") and "stderr" not in k},
+        }
+        if out["configs"][name].get("output_type") == "multiple_choice":
+            result["lm_eval_logliks"] = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+        if questions is not None and limit is None:  # both scorers on the same merged weights, in the same dtype
+            ours = _fedlora_scores(model_dir, questions, device)
+            if len(ours["logliks"]) == len(result.get("lm_eval_logliks", [])) and all(
+                    len(a) == len(b) for a, b in zip(ours["logliks"], result["lm_eval_logliks"])):
+                result["fedlora"] = ours
+                result["agree"] = _agreement(result)
     return result
 
 
@@ -123,25 +131,69 @@ def _agreement(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _task_name(task_yaml: Path) -> str:
-    try:
-        spec = yaml.safe_load(task_yaml.read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"--lm-eval: {task_yaml} is not YAML ({str(e).splitlines()[0]}) (accepted: an lm-eval task YAML)") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+    spec = _spec(task_yaml)
+    if not isinstance(spec.get("task"), str):
         raise DataError(f"--lm-eval: {task_yaml} names no `task` (accepted: an lm-eval task YAML with task: NAME)")
     return spec["task"]
 
 
-def _questions_of(task_yaml: Path) -> Path | None:
-    """The MMLU-format file a task YAML reads, if it is one (then fedlora's scorer can run on it too)."""
+class _AnyTag(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs, whose ``!function module.name`` tags plain YAML does not know (as None)."""
+
+
+_AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+SAME_PROMPT = ("output_type", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter")
+"""What a user's task must share with ``write_task``'s for fedlora's scorer to ask the same questions."""
+
+
+def _spec(task_yaml: Path) -> dict[str, Any]:
     try:
-        files = yaml.safe_load(task_yaml.read_text()).get("dataset_kwargs", {}).get("data_files", {})
-    except (yaml.YAMLError, AttributeError):
-        return None
+        spec = yaml.load(task_yaml.read_text(), Loader=_AnyTag)
+    except yaml.YAMLError as e:
+        raise DataError(f"--lm-eval: {task_yaml} is not YAML ({str(e).splitlines()[0]}) (accepted: an lm-eval task YAML)") from None
+    return spec if isinstance(spec, dict) else {}
+
+
+def _questions_of(task_yaml: Path) -> Path | None:
+    """The MMLU-format file a task YAML reads, when it asks fedlora's questions (then fedlora's scorer runs on it too)."""
     from fedlora.evaluation.choices import is_multiple_choice
 
-    found = [Path(f) for f in (files.values() if isinstance(files, dict) else [files]) if isinstance(f, str)]
+    spec, ours = _spec(task_yaml), task_spec(Path("questions.jsonl"))
+    if any(spec.get(k) != ours[k] for k in SAME_PROMPT) or spec.get("process_docs") or spec.get("num_fewshot"):
+        return None
+    found = _data_files(spec)
     return found[0] if len(found) == 1 and is_multiple_choice(found[0]) else None
+
+
+def _data_files(spec: dict[str, Any]) -> list[Path]:
+    """The local files a task reads (``dataset_kwargs.data_files``: a path, a list, or a split → path(s) map)."""
+    files = (spec.get("dataset_kwargs") or {}).get("data_files", {})
+    found: list[Path] = []
+    for f in files.values() if isinstance(files, dict) else [files]:
+        found += [Path(x) for x in (f if isinstance(f, list) else [f]) if isinstance(x, str)]
+    return found
+
+
+def _stage(task_yaml: Path, folder: Path) -> Path:
+    """The task YAML alone in a folder, for lm-eval to index: its own folder may hold many more (a checkout, a venv).
+
+    The Python files beside it come along (``!function utils.x``), and a relative ``include:`` is made absolute."""
+    import shutil
+
+    spec = _spec(task_yaml)
+    missing = [str(f) for f in _data_files(spec) if "://" not in str(f) and not f.is_file()]
+    if missing:
+        raise DataError(f"--lm-eval: {task_yaml} reads {missing[0]}, which is not a file here (accepted: data_files that exist; a relative one counts from {Path.cwd()})")
+    folder.mkdir(parents=True, exist_ok=True)
+    text = task_yaml.read_text()
+    include = spec.get("include")
+    if isinstance(include, str) and not Path(include).is_absolute():
+        text = text.replace(include, str((task_yaml.parent / include).resolve()), 1)
+    for helper in task_yaml.parent.glob("*.py"):
+        shutil.copy(helper, folder / helper.name)
+    staged = folder / f"{task_yaml.stem}.yaml"
+    staged.write_text(text)
+    return staged
 
 
 def _model_folder(path: Path, scratch: Path) -> Path:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from fedlora.flower import APP_DIR
 from fedlora.flower.processes import FlowerRunError, _bin, _exited, _stop_group, _tail, _wait_port, free_port
-from fedlora.flower.settings import ENV, STATE_ENV
+from fedlora.flower.settings import ENV, STATE_ENV, THREADS_ENV
 
 CONNECTION = "fedlora-local"
 
@@ -38,6 +38,7 @@ class RunHandle:
     output_dir: Path
     log: Path
     federation: "LocalFederation"
+    stale: frozenset[bytes] = frozenset()  # metrics lines the folder held before the run started (a resumed run's): not news
 
     def running(self) -> bool:
         return not _exited(self.proc, 0)
@@ -45,8 +46,6 @@ class RunHandle:
     def wait(self, timeout: float = 1800, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Wait for the run; its summary.json, or FlowerRunError with the logs' tails. ``on_round``: each new metrics line."""
         name = next(n for n, p in self.federation.procs.items() if p is self.proc)
-        metrics = self.output_dir / "metrics.jsonl"
-        self._stale = set(metrics.read_bytes().splitlines()) if metrics.is_file() else set()  # a resumed run's lines: not news
         deadline, pos = time.monotonic() + timeout, (0, -1)
         while not (done := _exited(self.proc, min(2.0, max(0.0, deadline - time.monotonic())))) and time.monotonic() < deadline:
             pos = self._new_rounds(pos, on_round)
@@ -78,7 +77,7 @@ class RunHandle:
             new = f.read()
         complete = new[: new.rfind(b"\n") + 1]
         for line in complete.splitlines():
-            if line in getattr(self, "_stale", ()):
+            if line in self.stale:
                 continue
             entry = json.loads(line)
             if entry["round"] > last:
@@ -86,6 +85,12 @@ class RunHandle:
                 if on_round:
                     on_round(entry)
         return read + len(complete), last
+
+
+def metrics_lines(run_dir: Path) -> frozenset[bytes]:
+    """The lines of a run folder's metrics.jsonl as they are now (none for a new run)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return frozenset(path.read_bytes().splitlines()) if path.is_file() else frozenset()
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,9 @@ class LocalFederation:
         env = {**os.environ, **ENV, "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if threads:
             env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-        if self.simulation:  # the virtual nodes' bases (STATE_ENV), and Ray's session files, inside the workdir
-            env.update({STATE_ENV: str(self.workdir / "nodes"), "RAY_TMPDIR": str(_ray_tmp(self.workdir))})
+        if self.simulation:  # the virtual nodes' bases (STATE_ENV) and Ray's session files; each client's torch threads
+            env.update({STATE_ENV: str(self.workdir / "nodes"), "RAY_TMPDIR": str(_ray_tmp(self.workdir)),
+                        THREADS_ENV: str(max(1, int(self.simulation.cpus)))})
         return env
 
     def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None) -> subprocess.Popen:
@@ -235,6 +241,7 @@ class LocalFederation:
         values = {"config-path": str(Path(config).resolve()) if Path(config).exists() else str(config),
                   "overrides": shlex.join(overrides or []), "output-dir": str(output_dir)}
         values.update({k.replace("_", "-"): v for k, v in run_config.items()})
+        stale = metrics_lines(output_dir)  # before the ServerApp can write anything
         toml = self.workdir / f"run-{self._runs}.toml"
         toml.write_text(tomli_w.dumps(values))
         log = self.logs / f"run-{self._runs}.log"
@@ -243,7 +250,7 @@ class LocalFederation:
             proc = subprocess.Popen([_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(toml), *sim],
                                     cwd=self.workdir, env=self.env(self.cli_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[f"run-{self._runs}"] = proc
-        return RunHandle(proc, output_dir, log, self)
+        return RunHandle(proc, output_dir, log, self, stale)
 
     def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800,
             on_round: Callable[[dict[str, Any]], None] | None = None, **run_config: Any) -> dict[str, Any]:
@@ -258,7 +265,13 @@ def simulation_resources(cpus: float, gpus: float | None) -> Resources:
         raise ValueError("Flower's simulation runtime needs Ray (accepted: pip install -e \".[simulation]\" in the fedlora checkout)")
     import torch
 
-    have_cpus, have_gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    try:  # what Ray will see: a container's CPU quota, not the host's cores
+        from ray._private.utils import get_num_cpus
+
+        have_cpus = int(get_num_cpus())
+    except (ImportError, AttributeError):
+        have_cpus = os.cpu_count() or 1
+    have_gpus = torch.cuda.device_count()
     gpus = (1.0 if have_gpus else 0.0) if gpus is None else gpus
     if not 0 < cpus <= have_cpus:
         raise ValueError(f"--client-cpus: {cpus:g} (accepted: more than 0, at most the {have_cpus} CPUs here)")
@@ -267,8 +280,8 @@ def simulation_resources(cpus: float, gpus: float | None) -> Resources:
     return Resources(cpus, gpus)
 
 
-RAY_SOCKET_SUFFIX = len("/session_2026-12-02_19-49-33_203177_4194304/sockets/plasma_store")
-"""What Ray appends to its temp folder for its longest socket path (a 7-digit pid)."""
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-02_19-49-33_203177_4194304/sockets/plasma_store")
+"""What Ray appends to RAY_TMPDIR for its longest socket path (its own ray/, a session named by time and a 7-digit pid)."""
 
 
 def _ray_tmp(workdir: Path) -> Path:

@@ -25,6 +25,8 @@ ENV = {
 """Set for every Flower process fedlora starts: no telemetry, no update check, no `uv sync`, offline."""
 
 STATE_ENV = "FEDLORA_FLOWER_STATE"
+THREADS_ENV = "FEDLORA_CLIENT_THREADS"
+"""Torch threads of each ClientApp on Flower's simulation runtime (its CPU share), whatever OMP_NUM_THREADS says."""
 
 
 @dataclass(frozen=True)
