@@ -161,12 +161,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except ImportError:
         console.print("[bold red]error:[/] " + escape("fedlora deploy needs Flower (accepted: pip install -e \".[flower]\" in the fedlora checkout)"))
         return 2
+    argv = _launcher_argv(args) + [f for f, on in (("--tls", args.tls), ("--auth", args.auth)) if on]
+    return launch([*argv, *args.overrides])
+
+
+def _launcher_argv(args: argparse.Namespace) -> list[str]:
+    """The flags `deploy` and `simulate` share, as fedlora.flower.launch takes them."""
     argv = ["--config", args.config] if args.config else []
     for flag in ("output", "workdir", "resume"):
         if getattr(args, flag):
             argv += [f"--{flag}", getattr(args, flag)]
-    argv += [f for f, on in (("--tls", args.tls), ("--auth", args.auth)) if on]
-    return launch([*argv, *args.overrides])
+    return argv
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -180,12 +185,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ImportError:
         console.print("[bold red]error:[/] " + escape("fedlora simulate --backend ray needs Flower and Ray (accepted: pip install -e \".[simulation]\" in the fedlora checkout)"))
         return 2
-    argv = ["--simulation", "--client-cpus", str(args.client_cpus)] + (["--config", args.config] if args.config else [])
+    argv = ["--simulation", "--client-cpus", str(args.client_cpus), *_launcher_argv(args)]
     if args.client_gpus is not None:
         argv += ["--client-gpus", str(args.client_gpus)]
-    for flag in ("output", "workdir", "resume"):
-        if getattr(args, flag):
-            argv += [f"--{flag}", getattr(args, flag)]
     return launch([*argv, *args.overrides])
 
 

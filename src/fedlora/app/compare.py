@@ -94,22 +94,28 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}-seed{seed}"
 
 
-def done(plan: Plan, out: Path, method: str, seed: int) -> bool:
-    """A finished run of this plan: its summary exists and it was scored on the plan's global test split
+def done(plan: Plan, out: Path, seed: int) -> set[str]:
+    """The plan's methods whose run of ``seed`` finished under ``out``, scored on the plan's global test split
     (a run of an older comparison in the same folder, on another split, is run again, not mixed in)."""
-    folder = run_dir(out, method, seed)
-    if not (folder / "summary.json").is_file():
-        return False
-    try:
-        ran = load_config(folder / "config.yaml", []).data.global_test_seed
-    except ConfigError:
-        return False
-    return ran == load_config(plan.config, [*plan.overrides, f"seed={seed}"]).data.global_test_seed
+    want = load_config(plan.config, [*plan.overrides, f"seed={seed}"]).data.global_test_seed  # once per seed
+    finished_methods = set()
+    for method in plan.methods:
+        folder = run_dir(out, method, seed)
+        try:
+            if (folder / "summary.json").is_file() and load_config(folder / "config.yaml", []).data.global_test_seed == want:
+                finished_methods.add(method)
+        except ConfigError:
+            pass
+    return finished_methods
 
 
 def finished(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """The records of the plan's runs that finished under ``out`` (nothing is run)."""
-    return [_record(run_dir(out, m, s), m, s) for s in plan.seeds for m in plan.methods if done(plan, out, m, s)]
+    records = []
+    for seed in plan.seeds:
+        ran = done(plan, out, seed)
+        records += [_record(run_dir(out, m, seed), m, seed) for m in plan.methods if m in ran]
+    return records
 
 
 def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str, Any]]:
@@ -123,7 +129,8 @@ def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str,
     write_json(out / "plan.json", dataclasses.asdict(plan))
     records = []
     for seed in plan.seeds:
-        todo = [m for m in plan.methods if not done(plan, out, m, seed)]
+        ran = done(plan, out, seed)
+        todo = [m for m in plan.methods if m not in ran]
         exp = _prepare(plan, seed) if todo else None
         head0 = exp.host.initial_head() if exp else {}
         for method in plan.methods:

@@ -10,7 +10,6 @@ the result says whether every pick agrees.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -226,6 +225,3 @@ def describe(result: dict[str, Any]) -> list[str]:
         lines.append(f"{'the same' if same else 'NOT the same'} accuracies; log-likelihoods at most {agree['max_loglik_gap']:.2e} apart")
     return lines
 
-
-def dumps(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=2)

@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     from fedlora.flower.state import load_kept, load_state, save_kept, save_state, state_dir
 
     t0 = time.time()
-    _set_threads(torch)
+    _set_threads()
     node = NodeSettings.from_node_config(context.node_config)
     rt = client_runtime(str(msg.content.config_records[RUN]["config"]), node.partition, node.num_partitions, node.data_path)
     sent = records_to_plan(msg.content)
@@ -89,9 +89,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedlora.flower.runtime import client_runtime
     from fedlora.flower.state import load_kept, load_state, state_dir
 
-    import torch
-
-    _set_threads(torch)
+    _set_threads()
     node = NodeSettings.from_node_config(context.node_config)
     rt = client_runtime(str(msg.content.config_records[RUN]["config"]), node.partition, node.num_partitions, node.data_path)
     sent = records_to_plan(msg.content)
@@ -108,11 +106,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 
 
-def _set_threads(torch) -> None:
+def _set_threads() -> None:
     """On Flower's simulation runtime, the client's CPU share (Ray sets OMP_NUM_THREADS only where it was unset)."""
     from fedlora.flower.settings import THREADS_ENV
 
     if os.environ.get(THREADS_ENV):
+        import torch
+
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
 
 

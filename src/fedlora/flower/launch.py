@@ -198,8 +198,7 @@ class LocalFederation:
         """Stop every process this federation started: runs, then SuperNodes, then the SuperLink."""
         for name in sorted(self.procs, key=lambda n: (n == "superlink", not n.startswith("run-"))):
             _stop_group(self.procs.pop(name))
-        ray = _ray_tmp(self.workdir)
-        if self.simulation and not ray.is_relative_to(self.workdir):  # Ray's short session folder outside the workdir: gone with its processes
+        if self.simulation and not (ray := _ray_tmp(self.workdir)).is_relative_to(self.workdir):  # Ray's short folder: gone with its processes
             import shutil
 
             shutil.rmtree(ray, ignore_errors=True)
