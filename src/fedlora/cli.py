@@ -128,6 +128,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedlora.study.cli import study_command
+
+    return study_command(args)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Partition the config's source as a run would, print the per-client table, write a heatmap."""
     from fedlora.report.partition import partition_heatmap, partition_table
@@ -277,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tables-only", action="store_true", help="run nothing: table and plots from the finished runs in --output")
     compare.add_argument("--vary-test-split", action="store_true", help="each seed draws its own global test split (default: the first seed's for all)")
     compare.set_defaults(func=cmd_compare)
+    study = sub.add_parser("study", help="a grid of factors × seeds, each cell a run folder; resumes, runs cells in parallel, tables and plots with CIs and paired tests")
+    study.add_argument("study", metavar="STUDY.yaml", help="the study file: base config, factors, seeds (docs/study.md)")
+    study.add_argument("--output", help="folder of the cells' run folders, tables and plots (default: beside STUDY.yaml, named after it)")
+    study.add_argument("--jobs", type=int, default=1, help="cells side by side on this machine, each with its share of the CPU threads (and a GPU in turn)")
+    study.add_argument("--threads", type=int, help="torch threads per cell (default: this machine's CPUs / --jobs)")
+    study.add_argument("--ray", metavar="ADDRESS", help="run the cells as Ray tasks on this cluster (ray start …; run folders on storage every node sees)")
+    study.add_argument("--dry-run", action="store_true", help="print the cells and an estimate of their cost (a timed first round per setting); run nothing")
+    study.add_argument("--tables-only", action="store_true", help="run nothing: the tables and plots from the finished cells")
+    study.set_defaults(func=cmd_study)
     deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     deploy.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
@@ -324,8 +339,21 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
+def _end_with_parent() -> None:
+    """A cell of ``fedlora study`` ends with the study (SIGTERM when its parent dies; a checkpoint resumes it)."""
+    parent = os.environ.pop("FEDLORA_PARENT", None)
+    if parent and sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(parent):  # the study died before this line
+            sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _end_with_parent()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):

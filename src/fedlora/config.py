@@ -138,6 +138,13 @@ class EvalCfg(Section):
     every: int = Field(1, ge=1, description="Evaluate every N rounds (and always after the last).")
     batch_size: int = Field(16, ge=1, description="Examples per evaluation forward pass.")
     max_examples: int | None = Field(64, ge=1, description="Cap on each test split (None = all).")
+    client_splits: Literal["every", "ends"] = Field(
+        "every", description="When the clients' own test splits are scored: at every evaluation, or only before round 1 and after the last (the global split is scored at every evaluation; long studies of many clients spend most of their time on client splits otherwise)."
+    )
+
+    def scores_clients(self, number: int, rounds: int) -> bool:
+        """Whether the evaluation after round ``number`` (0: before training) scores every client's own test split."""
+        return self.client_splits == "every" or number in (0, rounds)
 
 
 class OutputCfg(Section):

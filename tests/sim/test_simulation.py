@@ -29,9 +29,9 @@ def _examples(n, seed):
     return out
 
 
-def _experiment(tiny_llama, method_name, ranks, fraction=1.0):
+def _experiment(tiny_llama, method_name, ranks, fraction=1.0, extra=()):
     cfg = load_config(packaged_config("tiny"), [f"lora.ranks={list(ranks)}", "federation.rounds=2", f"federation.fraction={fraction}",
-                                                "train.local_steps=2", "train.lr=0.05", f"federation.method={method_name}"])
+                                                "train.local_steps=2", "train.lr=0.05", f"federation.method={method_name}", *extra])
     shapes = target_layer_shapes(tiny_llama, TARGETS)
     setup = Setup(shapes, dict(enumerate(cfg.client_ranks())), dict(enumerate(cfg.client_scales())), seed=0)
     method = build_method(method_name, setup)
@@ -66,6 +66,17 @@ def test_every_method_runs_in_the_simulator(tiny_llama, name):
     if exp.method.pooled:
         assert [c["id"] for c in records[1]["clients"]] == [0]
         assert records[1]["clients"][0]["num_examples"] == 8 + 12 + 16
+
+
+@pytest.mark.parametrize("name", ["flora", "local", "fedsa"])  # the global model; personal models; clients that keep a part
+def test_client_splits_ends_scores_the_clients_own_splits_only_before_and_after(tiny_llama, name):
+    ranks = (2, 2, 2) if name == "fedsa" else (4, 2, 1)
+    every = _run(_experiment(tiny_llama, name, ranks))
+    ends = _run(_experiment(tiny_llama, name, ranks, extra=["federation.rounds=3", "eval.client_splits=ends"]))
+    assert [set(r["eval"]["clients"]) for r in ends] == [{"0", "1", "2"}, set(), set(), {"0", "1", "2"}]
+    assert all(r["eval"]["clients"] == {} or all(v for v in r["eval"]["clients"].values()) for r in ends)
+    assert all(math.isfinite(r["eval"]["global"]["loss"]) for r in ends)  # the global split at every evaluation
+    assert all(set(r["eval"]["clients"]) == {"0", "1", "2"} for r in every)  # the default: every evaluation
 
 
 def test_flora_partial_participation_in_the_loop(tiny_llama):

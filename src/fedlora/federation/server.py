@@ -131,12 +131,13 @@ class Server:
         """
         exp = self.exp
         args = (exp.cfg.eval.batch_size, exp.tokenizer.pad_token_id, exp.device)
+        own = exp.cfg.eval.scores_clients(number, exp.cfg.federation.rounds)  # the clients' own splits too
         def score(data: list[Any]) -> dict[str, float]:
             with exp.trainer.autocast():
                 return exp.trainer.task.evaluate(exp.host.model, data, *args)
 
         if self.method.keeps:
-            splits = lambda c: {"test": c.test, "global": exp.global_test}  # noqa: E731
+            splits = lambda c: {"test": c.test, "global": exp.global_test} if own else {"global": exp.global_test}  # noqa: E731
             return personal_eval({c.id: client_evaluate(self.method, exp.trainer, self.eval_plan(c.id, number), self.kept.get(c.id), splits(c), *args[:2])
                                   for c in exp.clients})
         try:
@@ -145,11 +146,11 @@ class Server:
                 for c in exp.clients:
                     exp.host.set_delta(self.method.client_delta(c.id))
                     exp.host.set_head(self.heads.of(c.id))
-                    scores[c.id] = {"test": score(c.test), "global": score(exp.global_test)}
+                    scores[c.id] = {"test": score(c.test), "global": score(exp.global_test)} if own else {"global": score(exp.global_test)}
                 return personal_eval(scores)
             exp.host.set_delta(self.method.adapter_delta())  # over the base, which already holds the merges
             exp.host.set_head(self.heads.of(-1))
-            return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients}}
+            return {"global": score(exp.global_test), "clients": {str(c.id): score(c.test) for c in exp.clients} if own else {}}
         finally:
             exp.host.restore()
 
@@ -171,4 +172,4 @@ def personal_eval(scores: dict[int, dict[str, dict[str, float]]]) -> dict[str, A
     """Each client's own model on its test split, and the mean of their scores on the global split."""
     on_global = [s["global"] for s in scores.values() if "global" in s]
     mean = {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]} if on_global else {"loss": None}
-    return {"global": mean, "clients": {str(k): s.get("test", {}) for k, s in sorted(scores.items())}}
+    return {"global": mean, "clients": {str(k): s["test"] for k, s in sorted(scores.items()) if "test" in s}}

@@ -96,7 +96,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     folder = state_dir(node.state_root, str(msg.content.config_records[RUN]["run"]), node.partition)
     rt.trainer.host.load_base(*load_state(folder))
     kept = load_kept(folder, sent.round)
-    scores = client_evaluate(rt.method, rt.trainer, sent, kept, {"test": rt.test, "global": rt.global_test}, rt.cfg.eval.batch_size, rt.pad_id)
+    splits = {"test": rt.test, "global": rt.global_test} if rt.cfg.eval.scores_clients(sent.round - 1, rt.cfg.federation.rounds) else {"global": rt.global_test}
+    scores = client_evaluate(rt.method, rt.trainer, sent, kept, splits, rt.cfg.eval.batch_size, rt.pad_id)
     if sent.round > rt.cfg.federation.rounds and rt.cfg.output.save_final and rt.model_dir is not None:
         from fedlora.federation.client import own_model
         from fedlora.model.export import save_adapter
