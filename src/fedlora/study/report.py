@@ -63,8 +63,7 @@ def load_runs(study: Study, out: Path) -> tuple[list[Run], int]:
 
 
 def compared_factor(study: Study) -> str:
-    """The factor whose levels are compared pairwise: the method, else the first factor."""
-    return "method" if "method" in study.factors else next(iter(study.factors), "")
+    return study.compared
 
 
 def group_of(cell: Cell, factor: str) -> str:
@@ -109,7 +108,7 @@ def paired_rows(study: Study, runs: list[Run]) -> list[Paired]:
             if group_of(r.cell, factor) == group:
                 by_level.setdefault(r.cell.labels.get(factor, ""), {})[r.cell.seed] = r.final(metric)
         levels = list(by_level)
-        ref = study.reference if study.reference in by_level and factor == "method" else None
+        ref = study.reference if study.reference in by_level else None
         pairs = [(a, ref) for a in levels if a != ref] if ref else [(a, b) for i, a in enumerate(levels) for b in levels[i + 1:]]
         for a, b in pairs:
             res = paired(f"{group}: {a}" if len(groups) > 1 else a, b, by_level[a], by_level[b])

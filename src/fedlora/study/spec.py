@@ -15,7 +15,7 @@ exclude:                             # cells to leave out: every named factor ma
 one_rank: 4                          # rank for methods that need one rank for all (default: the smallest)
 metric: loss                         # what the statistics compare: loss (lower wins) or accuracy
 targets: {loss: 2.5}                 # rounds and MB until the global metric first reaches it
-reference: flora                     # paired differences are against this method (default: every pair)
+reference: flora                     # paired differences against this level of `method` (else of the first factor); default: every pair
 ```
 
 Every cell is an ordinary run folder ``<output>/runs/<labels>-seed<s>``; all seeds are scored on the
@@ -73,6 +73,11 @@ class Study:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def compared(self) -> str:
+        """The factor whose levels the paired tests compare: ``method``, else the first factor."""
+        return "method" if "method" in self.factors else next(iter(self.factors), "")
 
     def cells(self) -> list[Cell]:
         """Every combination of factor labels × seeds, less the excluded, in the file's order (seed last).
@@ -207,8 +212,9 @@ def load_study(path: str | Path) -> Study:
     study = Study(path, config, tuple(overrides), tuple(seeds), factors, tuple(exclude), one_rank, metric,
                   {k: float(v) for k, v in targets.items()}, raw.get("reference"), str(raw.get("title") or ""))
     cells = study.cells()
-    if study.reference is not None and study.reference not in {c.labels.get("method") for c in cells}:
-        raise _err(path, "reference", study.reference, "a method of the factor 'method'")
+    compared = study.compared
+    if study.reference is not None and study.reference not in study.factors.get(compared, {}):
+        raise _err(path, "reference", study.reference, f"a label of the factor {compared!r}: {', '.join(study.factors.get(compared, {}))}")
     if not cells:
         raise ConfigError(f"study {path.name}: no cells (accepted: factors and exclude that leave at least one run)")
     from fedlora.app.preflight import preflight
