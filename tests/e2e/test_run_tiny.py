@@ -30,6 +30,9 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_run_folder_has_every_file_and_key(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
     assert {"config.yaml", "partition.json", "metrics.jsonl", "summary.json", "final"} <= names
+    from fedlora.integrity import damage
+
+    assert (tiny_run / "final" / "SHA256SUMS").is_file() and damage(tiny_run / "final") is None  # sealed: export can tell a damaged copy
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["federation"]["method"] == "flora" and cfg["lora"]["ranks"] == [4, 2, 1]
 

@@ -68,3 +68,42 @@ def test_flower_node_state_is_keyed_by_the_run_folder_not_its_name(tmp_path):
     a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
     assert run_key(a) != run_key(b) and run_key(a) == run_key(tmp_path / "x" / ".." / "x" / "run")
     assert run_key(a).startswith("run-")
+
+
+def _flip(path, at=-20):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["base-v2.safetensors", "state.json", "missing"])
+def test_a_damaged_node_base_is_never_used_and_is_dropped_for_a_reset(tmp_path, gen, damaged):
+    from fedlora.flower.state import NodeStateError
+
+    folder = state_dir(tmp_path, 7, 0)
+    save_state(folder, 2, {"m.q_proj": torch.randn(6, 5, generator=gen)})
+    if damaged == "missing":
+        (folder / "base-v2.safetensors").unlink()
+    elif damaged == "state.json":  # still valid JSON, a digit changed: only the JSON's own digest tells
+        (folder / "state.json").write_text((folder / "state.json").read_text().replace('"version": 2', '"version": 3'))
+    else:
+        _flip(folder / damaged)
+    with pytest.raises(NodeStateError) as e:
+        load_state(folder)
+    assert NodeStateError.MARKER in str(e.value) and "\n" not in str(e.value)
+    assert load_state(folder) == (0, {})  # dropped: the node is at W_0 and can take a reset from version 0
+
+
+def test_a_damaged_kept_file_falls_back_to_the_earlier_round(tmp_path, gen):
+    from fedlora.flower.state import load_kept, save_kept
+
+    folder = state_dir(tmp_path, 7, 1)
+    b3, b5 = torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen)
+    save_kept(folder, 3, {"B": b3})
+    save_kept(folder, 5, {"B": b5})
+    assert torch.equal(load_kept(folder, 6)["B"], b5)
+    _flip(folder / "kept-r5.safetensors")
+    assert torch.equal(load_kept(folder, 6)["B"], b3)  # never the damaged one
+    assert not (folder / "kept-r5.safetensors").exists()
+    _flip(folder / "kept-r3.safetensors")
+    assert load_kept(folder, 6) is None

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from fedlora.federation.server import Server
+from fedlora.integrity import seal
 from fedlora.model.export import save_adapter
 from fedlora.report.card import write_card
 
@@ -27,8 +28,10 @@ def save_final(server: Server, folder: Path) -> None:
         for c in exp.clients:
             save_adapter(exp.host, server.own_model(c.id), *args, folder / f"client-{c.id}", str(exp.model_dir))
             write_card(folder / f"client-{c.id}", folder.parent, exp.cfg, str(exp.model_dir), client=c.id)
+            seal(folder / f"client-{c.id}")
         log.info("final per-client adapters in %s", folder)
         return
     rank = save_adapter(exp.host, exp.method.global_delta(), *args, folder, str(exp.model_dir))
     write_card(folder, folder.parent, exp.cfg, str(exp.model_dir))
+    seal(folder)  # SHA256SUMS: export and eval refuse a damaged copy
     log.info("final global adapter (rank %d, exact) in %s", rank, folder)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedlora.integrity import seal
 from fedlora.evaluation.runs import RunFolderError, open_run
 from fedlora.model.adapters import AdapterHost
 from fedlora.report.card import write_card
@@ -85,6 +86,7 @@ def export_run(run_dir: str | Path, out: str | Path, rank: int | None = None, me
     (out / "fedlora_export.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     if not merged:
         write_card(out, run.path, cfg, str(base_dir), client, note=f"Exported by `fedlora export`: {describe(result)}.")
+    seal(out)  # SHA256SUMS: whoever loads it later can tell a damaged copy
     return result
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import Config, ConfigError, load_config
+from fedlora.integrity import damage, sealed
 
 
 class RunFolderError(ValueError):
@@ -45,7 +46,23 @@ class Run:
         folder = final / f"client-{client}" if client is not None else final
         if not (folder / "adapter_config.json").is_file():
             raise RunFolderError(f"RUN_DIR: no adapter at {folder} (accepted: a run folder written with output.save_final=true)")
+        if problem := damage(folder) if sealed(folder) else unreadable(folder / "adapter_model.safetensors"):
+            raise RunFolderError(f"RUN_DIR: {problem}: the adapter was changed or damaged after the run wrote it "
+                                 f"(accepted: an intact {folder.name}/; resume or rerun the run to write it again)")
         return folder
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a safetensors file without a checksum cannot be read whole (an older run's final/), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        return f"{path} cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return None
 
 
 def is_run_dir(path: Path) -> bool:

@@ -101,6 +101,11 @@ class Server:
         entry["wall_s"] = time.perf_counter() - t0
         return entry
 
+    def base_dropped(self, client: int) -> None:
+        """Client k dropped its saved base (damaged on its disk): its next plan brings it from W_0, a reset of every layer."""
+        if self.method.merged is not None:
+            self.method.merged.synced[client] = 0
+
     def sync_base(self) -> None:
         """Add the round's merge to the model's base, once, in place (merging methods only)."""
         merged = self.method.merged

@@ -100,9 +100,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = client_evaluate(rt.method, rt.trainer, sent, kept, splits, rt.cfg.eval.batch_size, rt.pad_id)
     if sent.round > rt.cfg.federation.rounds and rt.cfg.output.save_final and rt.model_dir is not None:
         from fedlora.federation.client import own_model
+        from fedlora.integrity import seal
         from fedlora.model.export import save_adapter
 
         save_adapter(rt.trainer.host, own_model(rt.method, sent, kept), rt.cfg.lora.target_modules, folder / "final", str(rt.model_dir))
+        seal(folder / "final")
     metrics = MetricRecord({f"{split}/{key}": float(v) for split, s in scores.items() for key, v in s.items()})
     return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 
