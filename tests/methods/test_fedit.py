@@ -62,3 +62,5 @@ def test_plan_sends_the_global_factors(gen):
 def test_unknown_method_lists_the_registry():
     with pytest.raises(MethodError, match=r"federation.method: unknown value 'nope' \(accepted: centralized, fedex, fedit, fedplora, fedsa, ffa, flexlora, flora, florist, full, hetlora, local, rolora, zeropad\)"):
         build_method("nope", Setup(LAYERS, {0: 1}, {0: 1.0}))
+    with pytest.raises(MethodError, match=r"unknown value 'fed-plora' \(did you mean 'fedplora'\? accepted: centralized, "):
+        build_method("fed-plora", Setup(LAYERS, {0: 1}, {0: 1.0}))

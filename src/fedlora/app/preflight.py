@@ -7,11 +7,16 @@ build in ``prepare`` repeats them on the real layers.
 
 from __future__ import annotations
 
-from fedlora.config import Config
+from pathlib import Path
+
+from fedlora.config import Config, ConfigError
 
 
 def preflight(cfg: Config) -> None:
-    """Raise the method's one-line error for ``cfg`` now, if it has one; and a tracker's that is not installed."""
+    """Raise the method's one-line error for ``cfg`` now, if it has one; a missing data file's; a tracker's that is not installed."""
+    source = Path(cfg.data.source).expanduser()
+    if ("/" in cfg.data.source or source.suffix) and not source.exists():  # a path, not a corpus name: before the imports of many seconds
+        raise ConfigError(f"data.source: file not found: {source} (accepted: a built-in corpus name, or a .json/.jsonl/.csv/.parquet file or saved dataset folder)")
     from fedlora.app.trackers import check_installed
     from fedlora.methods import Setup, build_method
 

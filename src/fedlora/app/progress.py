@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -17,23 +19,74 @@ from fedlora.sim.federation import Hooks
 log = logging.getLogger("fedlora")
 
 
-def plain_hooks(cfg: Config) -> Hooks:
-    """One log line per client and per round, for output that is a file or a pipe (no bars, no wrapping)."""
+HEARTBEAT_S = 60.0
+
+
+class Heartbeat:
+    """Off a terminal, a line when nothing was logged for a minute: a long evaluation must not look hung."""
+
+    def __init__(self, every: float = HEARTBEAT_S) -> None:
+        """``every`` = 0: only keeps the phase, no thread."""
+        self.every, self.last, self.doing = every, time.monotonic(), "evaluating before round 1"
+        self.stop = threading.Event()
+        if every > 0:
+            threading.Thread(target=self._beat, daemon=True, name="fedlora-heartbeat").start()
+
+    def now(self, doing: str) -> None:
+        self.last, self.doing = time.monotonic(), doing
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every / 4):
+            quiet = time.monotonic() - self.last
+            if quiet >= self.every:
+                log.info("… still %s (%.0f s since the last line)", self.doing, quiet)
+                self.last = time.monotonic()
+
+
+def eta_line(entry: dict[str, Any], walls: list[float], rounds: int) -> str | None:
+    """After the first trained round, and then every tenth: about how long the rest should take."""
+    number = entry["round"]
+    if number < 1 or number == rounds or not (number == 1 or number % 10 == 0):
+        return None
+    left = (rounds - number) * sum(walls) / len(walls)
+    return f"about {left / 60:.0f} min left for rounds {number + 1}–{rounds} (at {sum(walls) / len(walls):.1f} s a round so far)"
+
+
+def plain_hooks(cfg: Config, beat: Heartbeat | None = None) -> Hooks:
+    """One log line per client and per round, a time estimate (and the heartbeat's phase): for output that is a file or a pipe."""
+    beat = beat or Heartbeat(every=0)
+    walls: list[float] = []
+    rnd = [0]
+    log.info("evaluating before round 1: the global test split and %d clients' own (at most %s examples each)",
+             cfg.federation.num_clients, cfg.eval.max_examples or "all")
 
     def client_start(client: int, n: int) -> None:
+        beat.now(f"training client {client} in round {rnd[0]}")
         log.info("round %d: client %d (r=%d), %d steps", rnd[0], client, cfg.client_ranks()[client], n)
 
     def round_start(r: int, clients: list[int]) -> None:
         rnd[0] = r
+        beat.now(f"in round {r}")
 
-    rnd = [0]
-    return Hooks(round_start=round_start, client_start=client_start, round_end=lambda entry: log.info(round_line(entry)))
+    def round_end(entry: dict[str, Any]) -> None:
+        log.info(round_line(entry))
+        if entry["round"] > 0:
+            walls.append(float(entry.get("wall_s", 0.0)))
+        if line := eta_line(entry, walls, cfg.federation.rounds):
+            log.info(line)
+        beat.now(f"after round {entry['round']}")
+
+    return Hooks(round_start=round_start, client_start=client_start, round_end=round_end)
 
 
 @contextmanager
 def rich_hooks(console: Console, cfg: Config) -> Iterator[Hooks]:
     if not console.is_terminal:
-        yield plain_hooks(cfg)
+        beat = Heartbeat()
+        try:
+            yield plain_hooks(cfg, beat)
+        finally:
+            beat.stop.set()
         return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -36,7 +36,11 @@ for _cls in (FLoRA, FedPLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FedSA,
 
 def build_method(name: str, setup: Setup) -> Method:
     if name not in REGISTRY:
-        raise MethodError(f"federation.method: unknown value {name!r} (accepted: {', '.join(sorted(REGISTRY))})")
+        import difflib
+
+        near = difflib.get_close_matches(str(name).lower(), REGISTRY, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise MethodError(f"federation.method: unknown value {name!r} ({hint}accepted: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name](setup)
 
 

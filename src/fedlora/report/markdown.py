@@ -34,10 +34,19 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
         if png is not None:
             lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
     for run, label in zip(runs, labels):
-        lines += [f"## {label}", "", f"`{run.path}` · {_setup(run)}", "", *_client_table(run), ""]
+        lines += [f"## {label}", "", f"`{run.path}` · {_setup(run)}", "", *_interrupted(run), *_client_table(run), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _interrupted(run: Run) -> list[str]:
+    """A line saying the run stopped early, when its last recorded round is not its last round."""
+    last = max((m["round"] for m in run.metrics), default=0)
+    if last >= run.cfg.federation.rounds:
+        return []
+    return [f"**Interrupted after round {last} of {run.cfg.federation.rounds}**: \"after\" is round {last}; "
+            f"`fedlora run --resume {run.path}` continues it.", ""]
 
 
 def before_after(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
