@@ -47,6 +47,8 @@ def test_heldout_loss_is_the_global_models(folders):
     h = got["heldout"]
     assert h["loss"] == pytest.approx(expected, rel=1e-6) and h["perplexity"] == pytest.approx(math.exp(expected), rel=1e-12)
     assert h["examples"] == 4 and h["answer_tokens"] == sum(CausalLM().targets(t) for t in tokenized)
+    assert (h["max_length"], h["max_length_from"]) == (256, "the run's train.max_length")  # said, so two models compare like with like
+    assert run_eval(base, data, generate=0, max_length=64, device="cpu")["heldout"]["max_length_from"] == "--max-length"
     assert [g["prompt"] for g in got["generations"]] == [RECORDS[0]["instruction"], RECORDS[1]["instruction"]]
     assert all(isinstance(g["output"], str) for g in got["generations"])
 

@@ -100,6 +100,8 @@ def test_merged_folder_equals_base_plus_adapter(base, tmp_path):
     export_run(run, tmp_path / "adapter")
     e = export_run(run, tmp_path / "merged", merged=True)
     assert e.kind == "merged" and (tmp_path / "merged" / "tokenizer.json").is_file()
+    card = (tmp_path / "merged" / "README.md").read_text()  # every exported folder has its card
+    assert "AutoModelForCausalLM.from_pretrained(\"<this folder>\")" in card and "PeftModel" not in card
     merged, original = _load(tmp_path / "merged").state_dict(), _load(base).state_dict()
     adapter = PeftModel.from_pretrained(_load(base), tmp_path / "adapter")
     layers = AdapterHost.lora_layers(adapter)

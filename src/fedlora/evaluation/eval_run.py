@@ -38,9 +38,11 @@ def run_eval(
             result["multiple_choice"] = score_questions(m.model, m.tokenizer, questions, m.device)
             file_prompts = [q.question for q in questions]
         else:
-            result["heldout"], file_prompts = heldout_metrics(
-                m.model, m.tokenizer, data, m.device, max_length or m.max_length, batch_size, m.train_on_inputs
-            )
+            used = max_length or m.max_length
+            result["heldout"], file_prompts = heldout_metrics(m.model, m.tokenizer, data, m.device, used, batch_size, m.train_on_inputs)
+            # the scored tokens depend on the truncation: a run's own max_length or the default; say which
+            result["heldout"]["max_length"] = used
+            result["heldout"]["max_length_from"] = "--max-length" if max_length else m.max_length_from
     asked = list(prompts) or file_prompts[:generate]
     result["generations"] = [{"prompt": p, "output": o} for p, o in zip(asked, greedy(m.model, m.tokenizer, asked, m.device, max_new_tokens))]
     return result
@@ -50,7 +52,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     """Plain lines for the terminal."""
     lines = [result["model"]]
     if h := result.get("heldout"):
-        lines.append(f"held-out loss {h['loss']:.4f} nats/token · perplexity {h['perplexity']:.2f} · {h['examples']} examples, {h['answer_tokens']} answer tokens ({result['data']})")
+        lines.append(f"held-out loss {h['loss']:.4f} nats/token · perplexity {h['perplexity']:.2f} · {h['examples']} examples, {h['answer_tokens']} answer tokens "
+                     f"at max length {h['max_length']} ({h['max_length_from']}; give two models the same --max-length to score the same tokens) ({result['data']})")
     if mc := result.get("multiple_choice"):
         lines.append(f"multiple choice: accuracy {mc['accuracy']:.4f} · accuracy_norm {mc['accuracy_norm']:.4f} · accuracy_bytes {mc['accuracy_bytes']:.4f} · {mc['questions']} questions ({result['data']})")
     for g in result["generations"]:

@@ -84,8 +84,7 @@ def export_run(run_dir: str | Path, out: str | Path, rank: int | None = None, me
         errors[worst] if worst else 0.0, overall_error(specs, rank) if errors else 0.0, worst, str(base_dir),
     )
     (out / "fedlora_export.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    if not merged:
-        write_card(out, run.path, cfg, str(base_dir), client, note=f"Exported by `fedlora export`: {describe(result)}.")
+    write_card(out, run.path, cfg, str(base_dir), client, note=f"Exported by `fedlora export`: {describe(result)}.", merged=merged)
     seal(out)  # SHA256SUMS: whoever loads it later can tell a damaged copy
     return result
 

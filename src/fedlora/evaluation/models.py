@@ -30,6 +30,7 @@ class EvalModel:
     what: str  # one line: which model this is
     max_length: int = 256
     train_on_inputs: bool = False
+    max_length_from: str = "the default"  # or the run's own train.max_length: the scored tokens depend on it
 
 
 def load_for_eval(path: str | Path, client: int | None = None, device: str = "auto") -> EvalModel:
@@ -64,4 +65,5 @@ def _from_run(path: Path, client: int | None, dev: torch.device) -> EvalModel:
     host = AdapterHost(model, list(target_layer_shapes(model, cfg.lora.target_modules)))
     host.set_delta(load_adapter_delta(host, adapter))
     who = f"client {client}'s model" if client is not None else "global model"
-    return EvalModel(host.model, tokenizer, dev, f"{cfg.federation.method} {who} of {path}", cfg.train.max_length, cfg.train.train_on_inputs)
+    return EvalModel(host.model, tokenizer, dev, f"{cfg.federation.method} {who} of {path}", cfg.train.max_length, cfg.train.train_on_inputs,
+                     "the run's train.max_length")

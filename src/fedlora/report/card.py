@@ -10,7 +10,7 @@ from fedlora.config import Config
 
 
 def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, run_name: str, client: int | None = None,
-                 note: str = "") -> str:
+                 note: str = "", merged: bool = False) -> str:
     """Hub-style model card (YAML front matter for PEFT, then the run's method, data, schedule and held-out losses)."""
     from fedlora.app.run_dir import provenance
 
@@ -34,10 +34,15 @@ def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, ru
     table = _losses(first, last, client)
     if table:
         lines += ["| held-out | before round 1 | after the last round |", "|---|---|---|", *table, ""]
-    lines += [
-        "Load it with PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "<this folder>")', "```", "",
-    ]
+    if merged:  # W_0 + ΔW as a whole model: no adapter to attach
+        lines += ["A whole model (the base with the federated update merged in). Load it with transformers:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'model = AutoModelForCausalLM.from_pretrained("<this folder>")', 'tokenizer = AutoTokenizer.from_pretrained("<this folder>")', "```", ""]
+    else:
+        lines += [
+            "Load it with PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "<this folder>")', "```", "",
+        ]
     if note:
         lines += [note, ""]
     return "\n".join(lines)
@@ -54,9 +59,11 @@ def _losses(first: dict[str, Any], last: dict[str, Any], client: int | None) -> 
     return rows
 
 
-def write_card(folder: Path, run_folder: Path, cfg: Config, base_model: str, client: int | None = None, note: str = "") -> None:
+def write_card(folder: Path, run_folder: Path, cfg: Config, base_model: str, client: int | None = None, note: str = "",
+               merged: bool = False) -> None:
     """``folder/README.md`` from the first and last lines of the run's metrics.jsonl (what exists of it)."""
-    (folder / "README.md").write_text(adapter_card(cfg, first_and_last(run_folder / "metrics.jsonl"), base_model, run_folder.name, client, note))
+    card = adapter_card(cfg, first_and_last(run_folder / "metrics.jsonl"), base_model, run_folder.name, client, note, merged)
+    (folder / "README.md").write_text(card)
 
 
 def first_and_last(path: Path, tail: int = 1 << 16) -> list[dict[str, Any]]:
