@@ -149,3 +149,19 @@ def test_a_cell_folder_from_other_settings_stops_the_study_in_one_line(tmp_path)
     assert res.returncode == 2
     err = res.stderr.strip()
     assert err.startswith("error:") and "was run with" in err and "move that folder away" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cells_run_as_ray_tasks_on_a_cluster(tmp_path):
+    pytest.importorskip("ray")
+    model = save_tiny_model(tmp_path / "model")
+    study = tmp_path / "one.yaml"
+    study.write_text(f"config: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [model.path={model}, federation.rounds=2, "
+                     "train.max_length=64, eval.max_examples=4, data.max_examples=60]\nseeds: 1\nfactors:\n  method: [flora, fedit]\n")
+    res = fedlora("study", str(study), "--ray", "local", "--threads", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ledger = [json.loads(x) for x in (tmp_path / "one" / "cpu.jsonl").read_text().splitlines()]
+    assert sorted(x["cell"] for x in ledger) == ["fedit-seed0", "flora-seed0"] and all(x["exit"] == 0 and x["ray"] == "local" for x in ledger)
+    for cell in ("flora-seed0", "fedit-seed0"):
+        assert [m["round"] for m in lines_of(tmp_path / "one" / "runs" / cell)] == [0, 1, 2]
+    assert (tmp_path / "one" / "paired.csv").is_file()

@@ -77,14 +77,14 @@ def environment(slot: Slot) -> dict[str, str]:
     return env
 
 
-def run_process(args: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float, float]:
+def run_process(args: list[str], env: dict[str, str], log_path: Path, cwd: str | None = None) -> tuple[int, float, float]:
     """Run one process to its end; its exit code, CPU seconds (its own and its children's) and wall seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log_path.open("a") as f:
         f.write(f"$ {' '.join(args)}\n")
         f.flush()
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
@@ -171,10 +171,13 @@ def _run_on_ray(study: Study, out: Path, todo: list[Cell], address: str, cpus: i
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
     @ray.remote(num_cpus=cpus, num_gpus=gpus)
-    def remote(args: list[str], env: dict[str, str], log_path: str) -> tuple[int, float, float]:
-        return run_process(args, env, Path(log_path))
+    def remote(args: list[str], env: dict[str, str], log_path: str, cwd: str) -> tuple[int, float, float]:
+        env = {**env, "FEDLORA_PARENT": str(os.getpid())}  # the cell ends with the Ray worker that runs it
+        return run_process(args, env, Path(log_path), cwd)
 
-    futures = {c.name: remote.remote(argv(study, c, out), environment(Slot(cpus)), str(out / "logs" / f"{c.name}.log")) for c in todo}
+    here = os.getcwd()  # the study's paths as given, from the folder the study started in (on storage every node sees)
+    futures = {c.name: remote.remote(argv(study, c, out), environment(Slot(cpus)), str((out / "logs" / f"{c.name}.log").resolve()), here)
+               for c in todo}
     lines = []
     for name, fut in futures.items():
         rc, cpu_s, wall_s = ray.get(fut)
