@@ -346,3 +346,42 @@ def test_client_starts_from_the_global_model_on_a_tiny_llama(tiny_llama, gen):
             h = head(live["model.layers.0.self_attn.q_proj"][1].shape[0], 0.99)
             assert torch.count_nonzero(live["model.layers.0.self_attn.q_proj"][0].grad[:, :h]) == 0
         assert (rel_err(logits, glob) < 1e-12) == same
+
+
+def _scaled_updates(updates, cB=1.0, cA=1.0, only=None):
+    """The same uploads with B × cB and A × cA (for the clients in ``only``; all when None)."""
+    return [ClientUpdate(client=u.client, num_examples=u.num_examples, scale=u.scale,
+                         factors={n: Factors(f.B * cB, f.A * cA) if only is None or u.client in only else f for n, f in u.factors.items()})
+            for u in updates]
+
+
+@pytest.mark.parametrize("cB,cA", [(1e160, 1.0), (2.0**600, 2.0**600), (1e-170, 1.0), (2.0**-560, 2.0**-560)])
+def test_norm_weights_are_finite_and_exact_far_outside_the_range_of_squares(gen, cB, cA):
+    """‖s B A‖_F past ~1e154 overflows its square in float64 (NaN weights), below ~1e-154 it underflows (weights fall
+    back to p_k): the weights are scale-free, so every client scaled alike must keep the weights of the unscaled uploads."""
+    scales = {0: 2.0, 1: 0.5, 2: 3.0}
+    updates = [random_update(k, LAYERS, RANKS[k], scales[k], n, gen) for k, n in zip(RANKS, (10, 30, 60))]
+    p = data_weights([10, 30, 60])
+    norms = [u.scale * math.sqrt(sum(float(torch.linalg.norm(f.B @ f.A)) ** 2 for f in u.factors.values())) for u in updates]
+    want = [x / sum(norms) for x in norms]  # dense float64 reference, in the ordinary range
+    plain = _het(scales=scales)
+    plain.aggregate(updates, p, 1)
+    assert max(abs(a - b) for a, b in zip(plain.last_weights, want)) < 1e-14
+    m = _het(scales=scales)
+    m.aggregate(_scaled_updates(updates, cB, cA), p, 1)
+    assert all(math.isfinite(x) for x in m.last_weights) and abs(sum(m.last_weights) - 1.0) < 1e-15
+    assert max(abs(a - b) / b for a, b in zip(m.last_weights, want)) < 1e-14
+    if math.frexp(cB)[0] == 0.5 and math.frexp(cA)[0] == 0.5:  # powers of two scale exactly: the same numbers
+        assert m.last_weights == plain.last_weights
+
+
+def test_one_huge_update_takes_all_the_weight_without_nan(gen):
+    updates = [random_update(k, LAYERS, RANKS[k], 2.0, n, gen) for k, n in zip(RANKS, (10, 30, 60))]
+    m = _het()
+    m.aggregate(_scaled_updates(updates, 1e200, only={1}), data_weights([10, 30, 60]), 1)
+    w = m.last_weights
+    assert all(math.isfinite(x) for x in w) and w[1] == 1.0 and 0 < w[0] < 1e-190 and 0 < w[2] < 1e-190
+    for name in LAYERS:  # B̃_g = Σ w_k pad(s_k B_k): client 1's scaled B, to round-off
+        (g,) = m.global_delta()[name]
+        want_B = pad(2.0 * 1e200 * updates[1].factors[name].B, updates[1].factors[name].A, 4)[0]
+        assert torch.isfinite(g.B).all() and rel_err(g.B, want_B) < 1e-14

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 import statistics
 from pathlib import Path
 
@@ -97,10 +99,13 @@ def test_table_holds_mean_and_std_over_seeds(compared: Path) -> None:
     assert (compared / "loss.png").stat().st_size > 1000
 
 
-def test_finished_runs_are_reused(compared: Path, config: Path) -> None:
+def test_finished_runs_are_reused_and_named_in_one_log_line(compared: Path, config: Path, caplog: pytest.LogCaptureFixture) -> None:
     stamp = (compared / "runs" / "flora-seed0" / "summary.json").stat().st_mtime_ns
-    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(compared), "eval.every=1"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(compared), "eval.every=1"]) == 0
     assert (compared / "runs" / "flora-seed0" / "summary.json").stat().st_mtime_ns == stamp
+    lines = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
+    assert len(lines) == 1 and str(compared / "runs" / "flora-seed0") in lines[0] and "fedit" not in lines[0], lines
 
 
 def test_tables_only_runs_nothing(compared: Path, config: Path) -> None:
@@ -130,14 +135,120 @@ def test_every_compared_run_keeps_its_final_adapter(compared: Path) -> None:
         assert (run / "final" / "adapter_model.safetensors").is_file(), run
 
 
-def test_a_run_scored_on_another_test_split_is_run_again_not_mixed_in(compared: Path, config: Path, tmp_path: Path) -> None:
-    import shutil
+def _error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err, err  # one line, no traceback
+    return err
 
+
+def _files(out: Path) -> dict[Path, int]:
+    """Every file under out/runs with its modification time: what compare must leave as it was."""
+    return {f: f.stat().st_mtime_ns for f in (out / "runs").rglob("*") if f.is_file()}
+
+
+def test_a_run_scored_on_another_test_split_is_refused_not_mixed_in(compared: Path, config: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cmp"
     shutil.copytree(compared, out)
     folder = out / "runs" / "flora-seed0"
     assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["global_test_seed"] == 0
-    stamp = (folder / "summary.json").stat().st_mtime_ns
-    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1", "--vary-test-split"]) == 0
-    assert (folder / "summary.json").stat().st_mtime_ns != stamp  # rerun on the split the plan asks for
-    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["global_test_seed"] is None
+    before = _files(out)
+    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1", "--vary-test-split"]) == 2
+    err = _error_line(capsys)
+    assert str(folder) in err and "data.global_test_seed=0 there, None in this comparison" in err and "move" in err
+    assert _files(out) == before  # neither rerun nor deleted
+
+
+def test_a_comparison_of_other_settings_into_the_same_output_stops_before_any_work(compared: Path, config: Path, tmp_path: Path, capsys) -> None:
+    """The old reuse check read only the test split's seed: this exited 0 with the first comparison's numbers."""
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    before, plan = _files(out), (out / "plan.json").read_text()
+    args = ["compare", str(config), "--methods", "flora,fedit", "--seeds", "2", "--output", str(out), "eval.every=1", "train.lr=0.001"]
+    assert main(args) == 2
+    err = _error_line(capsys)
+    assert str(out / "runs" / "flora-seed0") in err and "train.lr=0.0002 there, 0.001 in this comparison" in err and "move" in err
+    assert _files(out) == before and (out / "plan.json").read_text() == plan
+
+
+def test_the_summary_holds_the_digest_of_the_run_config_without_output(compared: Path) -> None:
+    from fedlora.app.compare import MARK, config_digest
+    from fedlora.config import load_config
+
+    for run in (compared / "runs").iterdir():
+        cfg = load_config(run / "config.yaml", [])
+        digest = config_digest(cfg)
+        assert len(digest) == 64 and json.loads((run / "summary.json").read_text())["config_digest"] == digest
+        assert (run / MARK).read_text().strip() == digest  # compare made this folder
+    cfg_path = compared / "runs" / "flora-seed0" / "config.yaml"
+    digest = config_digest(load_config(cfg_path, []))
+    assert config_digest(load_config(cfg_path, ["output.dir=/elsewhere", "output.save_final=false"])) == digest
+    assert config_digest(load_config(cfg_path, ["train.lr=0.001"])) != digest
+    assert config_digest(load_config(cfg_path, ["eval.every=2"])) != digest
+
+
+def test_a_foreign_folder_in_the_way_is_named_and_kept(config: Path, tmp_path: Path, capsys) -> None:
+    """The old compare deleted whatever sat at OUT/runs/<method>-seed<s> without a summary.json."""
+    out = tmp_path / "cmp"
+    folder = out / "runs" / "flora-seed0"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1"]) == 2
+    err = _error_line(capsys)
+    assert str(folder) in err and "compare did not write" in err and "move" in err
+    assert list(folder.iterdir()) == [folder / "notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_finished_run_compare_did_not_record_is_refused_when_it_differs(compared: Path, config: Path, tmp_path: Path, capsys) -> None:
+    """A finished run without a digest (a fedlora before digests, or another command): its config.yaml decides."""
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    folder = out / "runs" / "flora-seed0"
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["config_digest"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / ".fedlora-compare").unlink()
+    before = _files(out)
+    args = ["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1"]
+    assert main([*args, "train.weight_decay=0.1"]) == 2
+    err = _error_line(capsys)
+    assert str(folder) in err and "train.weight_decay=0.0 there, 0.1 in this comparison" in err
+    assert main(args) == 0  # the same settings as its config.yaml: reused, not run again
+    assert _files(out) == before
+
+
+def test_an_unfinished_compare_run_of_other_settings_is_named_and_kept(compared: Path, config: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    folder = out / "runs" / "flora-seed0"
+    (folder / "summary.json").unlink()  # interrupted before its summary
+    before = _files(out)
+    assert main(["compare", str(config), "--methods", "flora", "--seeds", "1", "--output", str(out), "eval.every=1", "train.lr=0.001"]) == 2
+    err = _error_line(capsys)
+    assert str(folder) in err and "unfinished" in err and "train.lr=0.0002 there, 0.001 in this comparison" in err
+    assert _files(out) == before
+
+
+def test_compare_starts_its_own_unfinished_run_again(compared: Path, config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    folder = out / "runs" / "flora-seed0"
+    (folder / "summary.json").unlink()
+    (folder / "metrics.jsonl").write_text('{"round": 0, "left": "by the interrupted attempt"}\n')
+    kept = (out / "runs" / "fedit-seed0" / "summary.json").stat().st_mtime_ns
+    assert main(["compare", str(config), "--methods", "flora,fedit", "--seeds", "1", "--output", str(out), "eval.every=1"]) == 0
+    assert "interrupted attempt" not in (folder / "metrics.jsonl").read_text()
+    assert _summary(out, "flora", 0)["config_digest"] == _summary(compared, "flora", 0)["config_digest"]
+    assert (out / "runs" / "fedit-seed0" / "summary.json").stat().st_mtime_ns == kept
+
+
+def test_tables_only_reads_the_results_without_the_model(compared: Path, config: Path, monkeypatch) -> None:
+    from fedlora.app import compare as compare_module
+    from fedlora.config import ConfigError
+
+    def no_model(cfg):
+        raise ConfigError("model.path: no HF model folder")
+
+    monkeypatch.setattr(compare_module, "check_model", no_model)
+    plan = compare_module.make_plan(str(config), "flora,fedit", 2, ["eval.every=1"])
+    records = compare_module.finished(plan, compared)
+    assert sorted((r["method"], r["seed"]) for r in records) == [("fedit", 0), ("fedit", 1), ("flora", 0), ("flora", 1)]

@@ -4,17 +4,27 @@ Per seed the experiment is prepared once (data, partition, model load); every me
 that same split and model, from the same initial head, each into its own run folder
 ``<out>/runs/<method>-seed<s>/`` (config, partition, metrics, summary). A method that needs one
 rank for every client (fedit, ffa, fedsa, fedex, rolora) runs at ``one_rank`` (default: the smallest client rank, which
-every client can afford), and the table says so. A run whose summary.json exists is not repeated,
-so an interrupted comparison resumes where it stopped; a run scored on another global test split
-(an older comparison, `--vary-test-split` toggled) is run again rather than mixed in.
+every client can afford), and the table says so.
+
+A finished run is reused only when its resolved config equals the plan's: its summary.json holds
+``config_digest``, the SHA-256 of the config's canonical JSON without ``output.*``
+(``config_digest()``), and it must equal the digest of the config the plan would run. So an
+interrupted comparison resumes where it stopped (one log line names the runs it reuses), while a
+comparison of other settings into the same ``--output`` stops before any work with one line
+naming the folder and a setting that differs, instead of passing the old numbers off as new.
+compare deletes a folder only when it is its own unfinished run of the same settings (it marks
+every run folder it creates with a ``.fedlora-compare`` file holding the digest); any other
+folder in the way is one line, and is left as it was.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +37,7 @@ from fedlora.methods import REGISTRY, Method, MethodError, Setup, build_method
 from fedlora.federation.experiment import Experiment, check_model, prepare
 from fedlora.sim.federation import Hooks, Simulation
 from fedlora.app.final import save_final
-from fedlora.app.run_dir import RunDir, summarize, write_json
+from fedlora.app.run_dir import RunDir, _flat, summarize, write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,52 +104,168 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}-seed{seed}"
 
 
-def done(plan: Plan, out: Path, seed: int) -> set[str]:
-    """The plan's methods whose run of ``seed`` finished under ``out``, scored on the plan's global test split
-    (a run of an older comparison in the same folder, on another split, is run again, not mixed in)."""
-    want = load_config(plan.config, [*plan.overrides, f"seed={seed}"]).data.global_test_seed  # once per seed
-    finished_methods = set()
-    for method in plan.methods:
-        folder = run_dir(out, method, seed)
-        try:
-            if (folder / "summary.json").is_file() and load_config(folder / "config.yaml", []).data.global_test_seed == want:
-                finished_methods.add(method)
-        except ConfigError:
-            pass
-    return finished_methods
+MARK = ".fedlora-compare"
+"""Written into every run folder compare creates, before anything else; holds the run's config digest."""
+
+DIGEST = "config_digest"
+"""The summary.json key of the run's config digest."""
+
+
+def config_digest(cfg: Config) -> str:
+    """SHA-256 of the resolved config's canonical JSON (sorted keys, no spaces), ``output.*`` left out:
+    the settings that decide a run's numbers, not where it writes them."""
+    data = cfg.model_dump(mode="json")
+    data.pop("output", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One (method, seed) of the plan: its folder, its config and what is in its folder now.
+
+    ``state``: ``new`` (no folder, or an empty one), ``reuse`` (a finished run of the same config),
+    ``redo`` (compare's own unfinished run of the same config: deleted and run again).
+    """
+
+    method: str
+    seed: int
+    folder: Path
+    cfg: Config
+    one_rank: bool
+    digest: str
+    state: str
+
+
+def slots(plan: Plan, out: Path, shapes: dict[str, tuple[int, int]] | None, finished_only: bool = False) -> list[Slot]:
+    """Every (method, seed) of the plan, seed by seed, with the state of its folder under ``out``.
+
+    A folder that is neither a finished run of the plan's config nor compare's own unfinished run
+    of it is a ConfigError of one line (nothing is deleted); with ``finished_only`` (tables only:
+    nothing runs) an unfinished or foreign folder is skipped, a finished run of other settings is
+    still an error. ``shapes`` None (tables only, the model folder absent): a run matches either
+    config ``method_config`` can give, the plan's ranks or one rank for all. Reads the folders
+    only: call it before any work.
+    """
+    out_slots = []
+    for seed in plan.seeds:
+        for method in plan.methods:
+            if shapes is not None:
+                cfg, _, one_rank = method_config(plan, method, seed, shapes)
+                choices = [(cfg, one_rank)]
+            else:
+                choices = _either_config(plan, method, seed)
+            folder = run_dir(out, method, seed)
+            found = _state(folder, choices, finished_only)
+            if found is not None:
+                state, (cfg, one_rank) = found
+                out_slots.append(Slot(method, seed, folder, cfg, one_rank, config_digest(cfg), state))
+    return out_slots
+
+
+def _either_config(plan: Plan, method: str, seed: int) -> list[tuple[Config, bool]]:
+    """The configs ``method_config`` may give without the layer shapes to decide: the plan's ranks, one rank for all."""
+    extra = [f"seed={seed}", f"federation.method={method}"]
+    cfg = load_config(plan.config, [*plan.overrides, *extra])
+    rank = plan.one_rank or min(cfg.client_ranks())
+    return [(cfg, False), (load_config(plan.config, [*plan.overrides, *extra, f"lora.rank={rank}"]), True)]
+
+
+def _state(folder: Path, choices: list[tuple[Config, bool]], finished_only: bool) -> tuple[str, tuple[Config, bool]] | None:
+    """What is at ``folder`` for a run of one of ``choices`` (config, one rank): new, reuse (with the one it matches) or redo."""
+    accepted = f"(accepted: move {folder} away, or another --output)"
+    cfg = choices[0][0]
+    if not folder.exists() and not folder.is_symlink():
+        return None if finished_only else ("new", choices[0])
+    if not folder.is_dir():
+        raise ConfigError(f"--output: {folder} is in the way: not a run folder {accepted}")
+    if (folder / "summary.json").is_file():
+        theirs = _summary_digest(folder)
+        for choice in choices:
+            if theirs == config_digest(choice[0]):
+                return "reuse", choice
+        why = "its summary.json holds no readable config digest" if theirs is None else "its summary.json's config digest is not this comparison's"
+        raise ConfigError(f"--output: {folder} holds a finished run of other settings: {_difference(folder, cfg, why)} {accepted}")
+    if finished_only:
+        return None
+    if not any(folder.iterdir()):
+        return "new", choices[0]
+    mark = folder / MARK
+    if not mark.is_file():
+        raise ConfigError(f"--output: {folder} is in the way: it holds files compare did not write, and no finished run {accepted}")
+    if mark.read_text(encoding="utf-8", errors="replace").strip() != config_digest(cfg):
+        why = f"its {MARK} names another config digest"
+        raise ConfigError(f"--output: {folder} holds an unfinished compare run of other settings: {_difference(folder, cfg, why)} {accepted}")
+    return "redo", choices[0]
+
+
+def _summary_digest(folder: Path) -> str | None:
+    """The digest a finished run recorded; for a run of a fedlora that recorded none, its config.yaml's; None if neither reads."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(summary, dict) and DIGEST in summary:
+        return summary[DIGEST] if isinstance(summary[DIGEST], str) else None
+    try:
+        return config_digest(load_config(folder / "config.yaml", []))
+    except ConfigError:
+        return None
+
+
+def _difference(folder: Path, cfg: Config, otherwise: str) -> str:
+    """One setting on which the run in ``folder`` (its config.yaml) differs from ``cfg``, as words; ``otherwise`` when none does."""
+    try:
+        saved = load_config(folder / "config.yaml", [])
+    except ConfigError:
+        return "its config.yaml is missing or not a fedlora config"
+    old, new = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith("output.") and old.get(key) != new.get(key):
+            return f"{key}={old.get(key)!r} there, {new.get(key)!r} in this comparison"
+    return otherwise
 
 
 def finished(plan: Plan, out: Path) -> list[dict[str, Any]]:
-    """The records of the plan's runs that finished under ``out`` (nothing is run)."""
-    records = []
-    for seed in plan.seeds:
-        ran = done(plan, out, seed)
-        records += [_record(run_dir(out, m, seed), m, seed) for m in plan.methods if m in ran]
-    return records
+    """The records of the plan's runs that finished under ``out`` with the plan's config (nothing is run)."""
+    try:
+        _, shapes = check_model(load_config(plan.config, plan.overrides))
+    except ConfigError:  # tables from results alone: the model folder need not be here
+        shapes = None
+    ready = slots(plan, out, shapes, finished_only=True)
+    _log_reused([s for s in ready if s.state == "reuse"])
+    return [_record(s.folder, s.method, s.seed) for s in ready]
 
 
 def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str, Any]]:
-    """Run every (method, seed) not yet finished under ``out``; return one record per run."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every (method, seed) not yet finished under ``out``; return one record per run.
+
+    Every method error and every folder in the way is found before the first model load and before
+    anything is written; the finished runs of the plan's config are reused (one log line names them).
+    """
     base = load_config(plan.config, plan.overrides)
     _, shapes = check_model(base)
-    for method in plan.methods:  # every method error before the first model load
-        for seed in plan.seeds:
-            method_config(plan, method, seed, shapes)
+    todo = slots(plan, out, shapes)  # every method error and every folder in the way, before the first model load
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", dataclasses.asdict(plan))
+    _log_reused([s for s in todo if s.state == "reuse"])
     records = []
     for seed in plan.seeds:
-        ran = done(plan, out, seed)
-        todo = [m for m in plan.methods if m not in ran]
-        exp = _prepare(plan, seed) if todo else None
+        here = [s for s in todo if s.seed == seed]
+        run = [s for s in here if s.state != "reuse"]
+        exp = _prepare(plan, seed) if run else None
         head0 = exp.host.initial_head() if exp else {}
-        for method in plan.methods:
-            folder = run_dir(out, method, seed)
-            if method in todo:
+        for slot in here:
+            if slot.state != "reuse":
                 assert exp is not None
-                _run_one(plan, exp, head0, method, seed, folder, hooks)
-            records.append(_record(folder, method, seed))
+                _run_one(exp, head0, slot, hooks)
+            records.append(_record(slot.folder, slot.method, slot.seed))
     return records
+
+
+def _log_reused(reused: list[Slot]) -> None:
+    if reused:
+        log.info("compare: reusing %d finished run%s of the same settings: %s", len(reused), "" if len(reused) == 1 else "s",
+                 ", ".join(str(s.folder) for s in reused))
 
 
 def _prepare(plan: Plan, seed: int) -> Experiment:
@@ -148,14 +274,17 @@ def _prepare(plan: Plan, seed: int) -> Experiment:
     return prepare(cfg)
 
 
-def _run_one(plan: Plan, exp: Experiment, head0: dict, method: str, seed: int, folder: Path, hooks: Hooks | None) -> None:
+def _run_one(exp: Experiment, head0: dict, slot: Slot, hooks: Hooks | None) -> None:
     """One method on the seed's prepared experiment: same split, same model, fresh method and head."""
     _, shapes = check_model(exp.cfg)
-    cfg, obj, one_rank = method_config(plan, method, seed, shapes)
-    if folder.exists():  # an unfinished earlier attempt: start it again
-        for f in sorted(folder.rglob("*"), reverse=True):
-            f.rmdir() if f.is_dir() else f.unlink()
+    cfg, folder, one_rank = slot.cfg, slot.folder, slot.one_rank
+    obj = build_method(slot.method, _setup(cfg, shapes))
+    if slot.state == "redo":  # compare's own unfinished run of this config (its mark says so): start it again
+        mark = folder / MARK
+        assert mark.is_file() and mark.read_text(encoding="utf-8").strip() == slot.digest and not (folder / "summary.json").exists(), folder
+        shutil.rmtree(folder)
     run = RunDir(folder)
+    (folder / MARK).write_text(slot.digest + "\n", encoding="utf-8")  # first: whatever follows is compare's to delete
     run.write_config(cfg)
     info = copy.deepcopy(exp.partition_info)
     for c, r in zip(info["clients"], cfg.client_ranks()):
@@ -163,8 +292,8 @@ def _run_one(plan: Plan, exp: Experiment, head0: dict, method: str, seed: int, f
     run.write_partition(info)
     exp.host.reset_base()  # the model as loaded: a merging method before this one left its base behind
     exp.host.set_head(head0)
-    torch.manual_seed(seed)
-    log.info("compare: %s, seed %d%s → %s", method, seed, f" (one rank {cfg.client_ranks()[0]})" if one_rank else "", folder)
+    torch.manual_seed(slot.seed)
+    log.info("compare: %s, seed %d%s → %s", slot.method, slot.seed, f" (one rank {cfg.client_ranks()[0]})" if one_rank else "", folder)
     t0 = time.perf_counter()
     sim = Simulation(dataclasses.replace(exp, cfg=cfg, method=obj), hooks or Hooks())
     sim.run(run.record)
@@ -173,6 +302,7 @@ def _run_one(plan: Plan, exp: Experiment, head0: dict, method: str, seed: int, f
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
     summary["one_rank"] = cfg.client_ranks()[0] if one_rank else None
     summary["ranks"] = cfg.client_ranks()
+    summary[DIGEST] = slot.digest
     run.write_summary(summary)
 
 

@@ -8,21 +8,31 @@ FedIT's averages (B̄, Ā) are the next round's adapter; what averaging the fact
 is added to every client's frozen base. The global model W_0 + Σ_t E_t + s B̄ Ā is then the
 FedAvg ideal exactly (agg_noise 0), and every client resumes from it (init_noise 0).
 
-E travels in its cheapest exact form: the K terms (B_k − B̄)(s p_k (A_k − Ā)) stacked at rank
-K·r, or the dense matrix once that is smaller (the paper sends it dense). The bases are held
-by a ``MergedBase`` (methods.md §4), so a client that skipped rounds catches up exactly. The
-paper's code averages uniformly; ``weights: data`` (p_k by example counts) is the default, as
-for FedIT here.
+E travels in its cheapest exact form. The K centred pairs are linearly dependent:
+Σ_k p_k (B_k − B̄) = 0, so for any reference client j
+
+    Σ_k p_k (B_k − B̄)(A_k − Ā) = Σ_k p_k (B_k − B̄) A_k − 0 · Ā = Σ_{k≠j} p_k (B_k − B̄)(A_k − A_j),
+
+the term of k = j being zero. E is sent as those K − 1 pairs (B_k − B̄)(s p_k (A_k − A_j)) stacked
+at rank (K−1)·r (j: the client of the largest weight), a pair whose difference is exactly zero is
+left out, and nothing at all when every pair is (equal clients, or equal A_k: then the sum is
+exactly zero), or the dense matrix once that is smaller (the paper sends it dense). The identity
+is exact; in floating point the sum equals s Σ_k p_k B_k A_k − s B̄Ā to round-off of the factors.
+
+The bases are held by a ``MergedBase`` (methods.md §4), so a client that skipped rounds catches
+up exactly; a round without a residual on a layer merges nothing there. The paper's code averages
+uniformly; ``weights: data`` (p_k by example counts) is the default, as for FedIT here.
 """
 
 from __future__ import annotations
 
+import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import WEIGHTS
-from fedlora.ops.lowrank import LowRank, smallest_form, stack
+from fedlora.ops.lowrank import LowRank, Term, smallest_form, stack
 from fedlora.ops.weights import normalised
 
 
@@ -44,7 +54,7 @@ class FedEx(Method):
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init, base=self.merged.update_for(client))
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
-        """B̄, Ā, and E = Σ_k (B_k − B̄)(s p_k (A_k − Ā)) merged into the base."""
+        """B̄, Ā, and E = Σ_{k≠j} (B_k − B̄)(s p_k (A_k − A_j)) merged into the base (rank ≤ (K−1)·r; none when it is 0)."""
         p = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
         dtype = self.setup.dtype
         new, residual = {}, {}
@@ -53,12 +63,11 @@ class FedEx(Method):
             As = [u.factors[name].A.to(dtype) for u in updates]
             B_bar = sum(pk * B for pk, B in zip(p, Bs))
             A_bar = sum(pk * A for pk, A in zip(p, As))
-            kept = [(pk, B, A) for pk, B, A in zip(p, Bs, As) if pk > 0]
-            terms = [LowRank(B - B_bar, A - A_bar) for _, B, A in kept]
             new[name] = Factors(B=B_bar, A=A_bar)
-            residual[name] = smallest_form(stack(terms, [self.scale * pk for pk, _, _ in kept]))  # the K centred pairs, one pass
+            if (term := residual_term(p, Bs, As, B_bar, self.scale)) is not None:
+                residual[name] = term
         self.factors = new
-        self.merged.merge(residual, [u.client for u in updates])
+        self.merged.merge(residual, [u.client for u in updates])  # a layer without a residual gets no merge this round
         return list(p)
 
     def global_delta(self) -> Delta:
@@ -68,3 +77,26 @@ class FedEx(Method):
     def adapter_delta(self) -> Delta:
         """s B̄ Ā over the base, which already holds the residuals."""
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}
+
+
+def residual_term(p: list[float], Bs: list[torch.Tensor], As: list[torch.Tensor], B_bar: torch.Tensor, scale: float) -> Term | None:
+    """s Σ_k p_k B_k A_k − s B̄ Ā as Σ_{k≠j} (B_k − B̄)(s p_k (A_k − A_j)) in its smaller form, or None when it is exactly 0.
+
+    B_k: (d_out × r), A_k: (r × d_in), B̄ = Σ p_k B_k. Clients of weight 0 are not in B̄ and drop out;
+    j is the client of the largest weight (its own term is 0); a pair with an exactly zero difference
+    adds nothing and is left out. Rank at most (K − 1)·r for K clients of positive weight.
+    """
+    kept = [k for k, pk in enumerate(p) if pk > 0]
+    if not kept:
+        return None
+    j = max(kept, key=lambda k: p[k])  # the first of the largest weights
+    terms, coefs = [], []
+    for k in kept:
+        if k == j:
+            continue
+        dB, dA = Bs[k] - B_bar, As[k] - As[j]  # (d_out × r), (r × d_in)
+        if torch.count_nonzero(dB) == 0 or torch.count_nonzero(dA) == 0:
+            continue
+        terms.append(LowRank(dB, dA))
+        coefs.append(scale * p[k])
+    return smallest_form(stack(terms, coefs)) if terms else None  # one pass over the kept pairs

@@ -75,8 +75,9 @@ class FlexLoRA(Method):
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         weights = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
+        dt = self.setup.dtype  # each upload in the state's dtype before p_k s_k scales its A (bfloat16 uploads: no bfloat16 rounding of p_k s_k A_k)
         self.delta = {
-            name: stack([LowRank(u.factors[name].B, u.factors[name].A) for u in updates], [u.scale * p for u, p in zip(updates, weights)]).to(self.setup.dtype)
+            name: stack([LowRank(u.factors[name].B, u.factors[name].A).to(dt) for u in updates], [u.scale * p for u, p in zip(updates, weights)])
             for name in self.setup.layers
         }  # per layer (d_out × Σr_k) @ (Σr_k × d_in) = Σ p_k s_k B_k A_k
         self.round = round

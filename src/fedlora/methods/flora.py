@@ -48,12 +48,18 @@ class FLoRA(Folds):
         return Sum(round, {name: [] for name in self.setup.layers})
 
     def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Note (B_k, A_k, s_k w_k c) per layer, the upload itself (no copy); a stack past twice its layer's rank is compressed."""
+        """Note (B_k, A_k, s_k w_k c) per layer, the upload itself (no copy); a stack past twice its layer's rank is compressed.
+
+        An upload in another dtype than the state's (a bfloat16 upload into a float32 state) is cast
+        to the state's dtype here, before its coefficient scales it: scaled in bfloat16, p_k s_k A_k
+        would lose ~1e-3 of itself. In the state's dtype ``to`` is the upload itself.
+        """
         w = 1.0 if self.uniform else float(weight)
         acc.add(u.client, w)
+        dt = self.setup.dtype
         for name, (d_out, d_in) in self.setup.layers.items():
             f, pending = u.factors[name], acc.layers[name]
-            pending.append((f.B, f.A, u.scale * w * self.scaling))  # (d_out×r_k), (r_k×d_in), its coefficient
+            pending.append((f.B.to(dt), f.A.to(dt), u.scale * w * self.scaling))  # (d_out×r_k), (r_k×d_in), its coefficient
             if sum(B.shape[1] for B, _, _ in pending) > 2 * min(d_out, d_in):
                 t = within_layer_rank(stacked(pending, 1.0))
                 acc.layers[name] = [(t.B, t.A, 1.0)]

@@ -81,9 +81,13 @@ class FoldsB(Folds):
 
 
 def add_weighted(sums: dict[str, torch.Tensor], key: str, t: torch.Tensor, weight: float, dtype: torch.dtype | None = None) -> None:
-    """sums[key] += w·t in place; the first term is a new tensor (in ``dtype``, default t's)."""
+    """sums[key] += w·t in place; the first term is a new tensor (in ``dtype``, default t's).
+
+    ``t`` is cast to the sum's dtype before it is weighted, whatever the device's rules for mixed
+    dtypes: a bfloat16 upload is never scaled in bfloat16 (a no-op when the dtypes agree).
+    """
     if key in sums:
-        sums[key].add_(t, alpha=float(weight))
+        sums[key].add_(t.to(sums[key].dtype), alpha=float(weight))
     else:
         sums[key] = t.to(dtype or t.dtype) * float(weight)
 

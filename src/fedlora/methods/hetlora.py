@@ -159,15 +159,22 @@ class HetLoRA(Method):
     def _weights(self, updates: list[ClientUpdate], weights: list[float]) -> list[float]:
         """w_k ∝ ‖s_k B_k A_k‖_F over all layers (low-rank, never dense), 0 for a client with no example; p_k if every norm is 0.
 
-        One client's single term cannot cancel, so the r × r Gram form is exact enough here (no QR);
-        it is taken in float64, where ‖·‖² neither overflows nor underflows for any float32 factor.
+        One client's single term cannot cancel, so the r × r Gram form is exact enough here (no QR).
+        Squares overflow float64 once a norm passes ~1e154 (and underflow below ~1e-154), so every
+        norm is held as m · 2**e (``_scaled_norm``): the factors are scaled by powers of two before
+        squaring and the clients' norms are brought to the largest one's exponent before they are
+        normalised. Powers of two scale exactly: in the ordinary range the weights agree with the
+        plain ‖·‖ to round-off, scaling every upload by a power of two changes none of their bits,
+        and far outside it (‖s B A‖ up to ~1e600 or down to ~1e-600) they stay finite and exact to round-off.
         """
         p = normalised(weights)
         if not self.by_norm:
             return p
-        norms = [0.0 if pk == 0 else abs(u.scale) * math.sqrt(sum(frob_norm_gram([LowRank(f.B.double(), f.A.double())]) ** 2 for f in u.factors.values()))
-                 for u, pk in zip(updates, p)]
-        return normalised(norms) if sum(norms) > 0 else p
+        scaled = [(0.0, 0) if pk == 0 else _scaled_norm(u) for u, pk in zip(updates, p)]
+        top = max((e for m, e in scaled if m > 0), default=None)
+        if top is None:
+            return p
+        return normalised([math.ldexp(m, e - top) if m > 0 else 0.0 for m, e in scaled])
 
     def _learn_ranks(self, u: ClientUpdate) -> None:
         """Record a client's ranks from its upload's shapes; they may only shrink, never below r_min."""
@@ -178,3 +185,38 @@ class HetLoRA(Method):
                 raise ValueError(f"hetlora: client {k} uploaded rank {f.rank} on {n}; allowed {allowed} (ranks never grow)")
         self.layer_ranks[k] = {n: f.rank for n, f in u.factors.items()}
         self.rank[k] = min(self.rank[k], int(u.meta.get("rank", self.rank[k])))
+
+
+def _scaled_norm(u: ClientUpdate) -> tuple[float, int]:
+    """‖s_k B_k A_k‖_F over all layers as (m, e) with the norm = m · 2**e; (0.0, 0) when it is 0.
+
+    Per layer the factors are divided by the powers of two of their largest entries (exact), the
+    Gram form is taken on those (entries ≤ 1: no overflow; the largest ones ≥ 1/2: no underflow of
+    what matters), and the layers' norms are summed in squares at the largest layer's exponent.
+    """
+    layers = [_layer_norm(f.B, f.A) for f in u.factors.values()]
+    layers = [(m, e) for m, e in layers if m > 0]
+    if not layers or u.scale == 0:
+        return 0.0, 0
+    top = max(e for _, e in layers)
+    total = math.sqrt(math.fsum(math.ldexp(m, e - top) ** 2 for m, e in layers))
+    ms, es = math.frexp(abs(float(u.scale)))
+    return total * ms, top + es
+
+
+def _layer_norm(B: torch.Tensor, A: torch.Tensor) -> tuple[float, int]:
+    """‖B A‖_F (d_out × r)(r × d_in) as (m, e), norm = m · 2**e, from the factors scaled by powers of two."""
+    B, A = B.double(), A.double()
+    if B.numel() == 0 or A.numel() == 0:
+        return 0.0, 0
+    b_max, a_max = float(B.abs().max()), float(A.abs().max())
+    if b_max == 0 or a_max == 0:
+        return 0.0, 0
+    eb, ea = math.frexp(b_max)[1], math.frexp(a_max)[1]  # largest entries in [2**(e-1), 2**e)
+    return frob_norm_gram([LowRank(_times_power_of_two(B, -eb), _times_power_of_two(A, -ea))]), eb + ea
+
+
+def _times_power_of_two(x: torch.Tensor, e: int) -> torch.Tensor:
+    """x · 2**e, exact, in two steps so that no factor 2**(e/2) over- or underflows itself (|e| ≤ 2100)."""
+    half = e // 2
+    return x * math.ldexp(1.0, half) * math.ldexp(1.0, e - half)
