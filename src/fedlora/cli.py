@@ -30,6 +30,10 @@ SETTINGS = "Every setting, its type, default and bounds: docs/config.md, or `fed
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileExistsError)
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a command: one line saying what was kept and how to continue."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedlora.data import DataError
     from fedlora.methods import MethodError
@@ -79,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with rich_hooks(console, cfg) as hooks:
             sim = Simulation(exp, hooks)
             run_with_checkpoints(sim, run, resume_run=bool(args.resume))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {run.path} keeps every finished round; `fedlora run --resume {run.path}` continues from the last") from None
     finally:
         trackers.close()
     if cfg.output.save_final:
@@ -156,7 +162,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     for c in info["clients"]:
         del c["all_indices"]
     write_json(out / "partition.json", info)
-    log.info("heatmap %s · partition.json in %s (global test split: %d examples)", png, out, info["global_test"])
+    scored = "" if info["global_test"] == info.get("global_held_out", info["global_test"]) else f", {info['global_test']} of them scored (eval.max_examples)"
+    log.info("heatmap %s · partition.json in %s (global test split: %d examples held out%s)", png, out, info.get("global_held_out", info["global_test"]), scored)
     return 0
 
 
@@ -168,6 +175,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         console.print("[bold red]error:[/] " + escape("fedlora deploy needs Flower (accepted: pip install -e \".[flower]\" in the fedlora checkout)"))
         return 2
     argv = _launcher_argv(args) + [f for f, on in (("--tls", args.tls), ("--auth", args.auth)) if on]
+    for rank in args.node_rank:
+        argv += ["--node-rank", rank]
     return launch([*argv, *args.overrides])
 
 
@@ -256,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     simulate.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     simulate.add_argument("--backend", choices=["ray", "inprocess"], default="ray", help="ray: Flower's simulation runtime (default); inprocess: as `fedlora run`")
-    simulate.add_argument("--client-cpus", type=float, default=1.0, help="ray: CPUs (and torch threads) per client; as many clients run at once as fit (default 1)")
+    simulate.add_argument("--client-cpus", type=float, default=1.0, help="ray: CPUs (and torch threads) per client, a whole number; as many clients run at once as fit (default 1)")
     simulate.add_argument("--client-gpus", type=float, default=None, help="ray: GPUs per client, 0.5 = two share one (default: 1 with CUDA, else 0)")
-    simulate.add_argument("--output", help="run folder (default: runs/<time>-<method>-ray; inprocess: as output.dir)")
+    simulate.add_argument("--output", help="run folder (default: output.dir, else runs/<time>-<method>-ray; inprocess: as output.dir)")
     simulate.add_argument("--workdir", help="ray: logs and the virtual nodes' state (default: .<run folder>.flower beside the run folder)")
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest complete checkpoint (ray: the same --workdir)")
     simulate.set_defaults(func=cmd_simulate)
@@ -279,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", required=True, help="comma-separated methods, e.g. flora,fedit,zeropad,fedplora")
     compare.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, … (default 3)")
     compare.add_argument("--one-rank", type=int, default=None, help="rank for methods that need one rank for all (default: the smallest client rank)")
-    compare.add_argument("--output", help="folder (default: runs/<time>-compare); finished runs in it on the same test split are reused")
+    compare.add_argument("--output", help="folder (default: runs/<time>-compare); a finished run in it is reused only when its resolved config equals this one")
     compare.add_argument("--tables-only", action="store_true", help="run nothing: table and plots from the finished runs in --output")
     compare.add_argument("--vary-test-split", action="store_true", help="each seed draws its own global test split (default: the first seed's for all)")
     compare.set_defaults(func=cmd_compare)
@@ -295,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="run a config on a local Flower deployment (SuperLink + one SuperNode per client)")
     deploy.add_argument("config", nargs="?", help="YAML config (default: the packaged default.yaml)")
     deploy.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
-    deploy.add_argument("--output", help="run folder (default: runs/<time>-<method>-flower)")
+    deploy.add_argument("--output", help="run folder (default: output.dir, else runs/<time>-<method>-flower); a new or empty folder")
     deploy.add_argument("--workdir", help="logs, certificates and node state (default: .<run folder>.flower beside the run folder)")
     deploy.add_argument("--resume", metavar="RUN_DIR", help="continue a deployed run from its newest complete checkpoint (same --workdir)")
     deploy.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
     deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (implies --tls)")
+    deploy.add_argument("--node-rank", action="append", default=[], metavar="K=R", help="SuperNode K declares LoRA rank R (repeatable)")
     deploy.set_defaults(func=cmd_deploy)
     report = sub.add_parser("report", help="markdown summary and PNG plots of one or more run folders")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; several are overlaid")
@@ -372,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # brackets in it are text, not markup
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C: one line, not a traceback
+        console.print(escape(str(e) or "interrupted"), highlight=False, soft_wrap=True)
+        return 130
 
 
 if __name__ == "__main__":

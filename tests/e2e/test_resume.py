@@ -143,3 +143,26 @@ def _try_lock(path):
     except Exception as e:  # noqa: BLE001 - the message is what the test reads
         return str(e)
     return "locked"
+
+
+def test_ctrl_c_ends_in_one_line_that_names_resume_and_the_run_continues(model_dir, tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    args = [*run_args(model_dir, "flora", out), "federation.rounds=30"]
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and f"fedlora run --resume {out}" in last
+    done = fedlora(["run", "--resume", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["round"] for m in without_wall_times(out)] == list(range(31))

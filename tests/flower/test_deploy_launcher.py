@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,9 +49,9 @@ def test_deploy_free_ports_are_distinct_loopback_ports():
 
 
 def test_deploy_launcher_refuses_a_node_count_other_than_the_clients(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--config", str(TINY), "--nodes", "2"])
-    assert e.value.code == 2 and "federation.num_clients=3" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --nodes 2:") and "federation.num_clients=3" in err
     assert main(["--config", str(TINY), "lora.ranks=[4,2]"]) == 2
     assert "lora.ranks" in capsys.readouterr().err
     assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"  # tests/flower/conftest.py sets the Flower environment
@@ -92,17 +93,21 @@ def test_simulate_refuses_resources_this_machine_lacks_in_one_line(capsys):
     pytest.importorskip("ray")
     from fedlora.cli import main as cli
 
-    cpus = os.cpu_count() or 1
-    assert cli(["simulate", str(TINY), "--client-cpus", "0"]) == 2
-    assert "--client-cpus: 0 (accepted: more than 0" in capsys.readouterr().err
-    assert cli(["simulate", str(TINY), "--client-cpus", str(cpus + 1)]) == 2
-    assert f"at most the {cpus} CPUs here" in capsys.readouterr().err
+    from ray._private.utils import get_num_cpus
+
+    cpus = int(get_num_cpus())  # what Ray counts: a container's quota
+    for share in ("0", "0.0001", "0.5", "nan", str(cpus + 1)):  # Flower carries the CPU share as an integer (a uint32)
+        assert cli(["simulate", str(TINY), "--client-cpus", share]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --client-cpus: {float(share):g} (accepted: a whole number of CPUs, at least 1 "
+                                                        f"and at most the {cpus} CPUs here"), err
     import torch
 
     gpus = torch.cuda.device_count()
-    assert cli(["simulate", str(TINY), "--client-gpus", str(gpus + 1)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--client-gpus: {gpus + 1} (accepted: 0 to the {gpus} GPUs here" in err
+    for share in (str(gpus + 1), "0.0001", "-1", "inf", *(["1.5"] if gpus >= 2 else [])):  # Ray: steps of 0.0001 (float32 on Flower's wire), whole above 1
+        assert cli(["simulate", str(TINY), "--client-gpus", share]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--client-gpus: {float(share):g} (accepted: 0 to the {gpus} GPUs here" in err, err
     assert cli(["simulate", str(TINY), "lora.ranks=[4,2]"]) == 2  # the config is checked as for fedlora run
     assert "lora.ranks" in capsys.readouterr().err
 
@@ -161,3 +166,188 @@ def test_rays_socket_paths_fit_whatever_the_workdir(tmp_path):
         assert len(str(_ray_tmp(workdir))) + RAY_SOCKET_SUFFIX < 108, workdir
     assert _ray_tmp(Path("/w")) == Path("/w/ray")  # beside the logs when it fits
     assert _ray_tmp(tmp_path / "a") != _ray_tmp(tmp_path / "b")  # one per workdir
+
+
+DEPLOY_ERRORS = [
+    # (fedlora deploy arguments after the config, what the one line must say); each before any process or file
+    (["--node-rank", "0=abc"], ["--node-rank 0=abc", "not K=R", "accepted: whole numbers"]),
+    (["--node-rank", "5"], ["--node-rank 5", "not K=R", "e.g. --node-rank 2=1"]),
+    (["--node-rank", "7=2"], ["--node-rank 7=2", "no SuperNode 7", "accepted: K from 0 to 2"]),
+    (["--node-rank", "1=0"], ["--node-rank 1=0", "rank 0", "accepted: a positive whole number"]),
+    (["--node-rank", "1=2", "--node-rank", "1=3"], ["--node-rank 1=3", "SuperNode 1 already has rank 2", "one K=R per SuperNode"]),
+    (["--node-rank", "1=3", "federation.method=fedit", "lora.ranks=null", "lora.rank=2"],  # the ranks the nodes declare must suit the method
+     ["error: --node-rank: federation.method: 'fedit' needs one rank for every client", "[2, 3, 2]"]),
+    (["lora.ranks=[4,2]"], ["lora.ranks", "exactly 3 ranks"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "says"), DEPLOY_ERRORS, ids=[" ".join(c[0])[:40] for c in DEPLOY_ERRORS])
+def test_deploy_bad_arguments_are_one_line_before_anything_starts(tmp_path, capfd, extra, says):
+    from fedlora.cli import main as cli
+
+    assert cli(["deploy", str(TINY), "--output", str(tmp_path / "run"), *extra]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(part in lines[0] for part in says), lines[0]
+    assert list(tmp_path.iterdir()) == []  # no run folder, no workdir
+
+
+def test_deploy_honours_output_dir_and_refuses_a_used_folder_in_one_line(tmp_path, capfd):
+    """``output.dir=X`` is the run folder, as for ``fedlora run``; a folder with files, or a run's folder, is refused
+    before anything starts, and nothing in it changes."""
+    from fedlora.cli import main as cli
+
+    used = tmp_path / "notes"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert cli(["deploy", str(TINY), f"output.dir={used}"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"error: output.dir: {used} already holds files, e.g. notes.txt (accepted: a new or empty folder)" in err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    (run / "summary.json").write_text('{"global_loss": {"before": 9, "after": 9}}')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert cli(["deploy", str(TINY), "lora.scale=3.0", "--output", str(run)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"output.dir: {run} holds a run (accepted: a new or empty folder, or --resume {run}" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and {p.name for p in tmp_path.iterdir()} == {"notes", "run"}
+
+
+def _holder(code: str) -> subprocess.Popen:
+    """Another process holding a lock, as a second launcher (or ``fedlora run``) would; it says ``held`` once it does."""
+    proc = subprocess.Popen([sys.executable, "-c", code + "\nprint('held', flush=True)\nimport time; time.sleep(300)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_deploy_a_second_launcher_on_a_run_is_refused_in_one_line_and_changes_nothing(tmp_path, capfd):
+    """One launcher per run folder (a flock on the folder, taken before anything starts), and none while another
+    fedlora process (``fedlora run --resume``, a ServerApp) holds the run's own ``.lock``."""
+    from fedlora.cli import main as cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY.read_text())
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    launcher = _holder(f"from fedlora.flower.processes import hold; fd = hold(__import__('pathlib').Path({str(run)!r})); assert fd is not None")
+    try:
+        assert cli(["deploy", "--resume", str(run)]) == 2
+    finally:
+        _stop_group(launcher)
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"error: --resume: {run} is in use by another fedlora launcher (accepted: one launcher per run folder" in err, err
+    (run / ".lock").touch()
+    before[".lock"] = b""
+    other = _holder(f"from fedlora.app.run_dir import lock; h = lock(__import__('pathlib').Path({str(run)!r}))")
+    try:
+        assert cli(["deploy", "--resume", str(run)]) == 2
+    finally:
+        _stop_group(other)
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"error: output.dir: {run} is in use by another fedlora process" in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.name for p in tmp_path.iterdir()} == {"run"}  # no workdir either
+
+
+def test_deploy_an_earlier_runs_summary_is_not_this_runs_success(tmp_path):
+    """``flwr run`` exits 0 when the ServerApp refuses the folder: a summary.json it did not write in this launch is a
+    failure in one line naming the logs (and the ServerApp's error), never the old run's losses."""
+    from types import SimpleNamespace
+
+    from fedlora.flower.launch import FlowerRunError, RunHandle, summary_mark
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"rounds": 2, "global_loss": {"before": 3.4, "after": 3.3}}')
+    log = tmp_path / "run.log"
+    log.write_text("Traceback (most recent call last):\n  File \"x\", line 1\nFileExistsError: output.dir: /x already holds files\n")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)  # flwr run: exits 0, writes nothing
+    handle = RunHandle(proc, out, log, SimpleNamespace(procs={"run-1": proc}, logs=tmp_path), frozenset(),
+                       summary_mark(out / "summary.json"), time.time())
+    with pytest.raises(FlowerRunError) as e:
+        handle.wait(timeout=60)
+    assert "\n" not in e.value.line and "exited 0 and the ServerApp left the summary.json of an earlier run" in e.value.line
+    assert "(FileExistsError: output.dir: /x already holds files)" in e.value.line and str(log) in e.value.line
+
+    (out / "summary.json").unlink()  # none at all
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    handle = RunHandle(proc, out, log, SimpleNamespace(procs={"run-1": proc}, logs=tmp_path), frozenset(), None, time.time())
+    with pytest.raises(FlowerRunError, match="wrote no summary.json"):
+        handle.wait(timeout=60)
+
+
+CHILD = """
+import subprocess, sys, time
+grandchild = subprocess.Popen(['sleep', '300'], start_new_session=True)  # detached, as the SuperLink starts its SuperExec
+open(sys.argv[1], 'a').write(f'{grandchild.pid}\\n')
+time.sleep(300)
+"""
+
+LAUNCHER = """
+import sys, time
+from fedlora.flower.launch import LocalFederation
+fed = LocalFederation(sys.argv[1], 2)
+for name in ('superlink', 'node-0'):
+    (fed.homes / name).mkdir(parents=True)  # FLWR_HOME, as Flower would make it
+    p = fed._spawn(name, [sys.executable, '-c', sys.argv[3], sys.argv[2]], fed.homes / name)
+    open(sys.argv[2], 'a').write(f'{p.pid}\\n')
+print(fed.launch, flush=True)
+time.sleep(300)
+"""
+
+
+def _pids(path: Path, n: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(pids := [int(x) for x in (path.read_text().split() if path.exists() else [])]) < n:
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.05)
+    return pids
+
+
+def test_deploy_launchers_processes_and_theirs_die_with_it_even_by_sigkill(tmp_path):
+    """A launcher killed with SIGKILL takes every process of its launch along, also those started in sessions of
+    their own by its children (Flower's SuperExec): the watchdog kills what carries the launch's id. Its FLWR_HOMEs go too."""
+    from fedlora.flower.processes import launch_processes
+
+    pidfile = tmp_path / "pids"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "work"), str(pidfile), CHILD],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        launch = launcher.stdout.readline().strip()
+        pids = _pids(pidfile, 4)  # two children, each with a detached grandchild
+        assert all(_alive(p) for p in pids) and sorted(launch_processes(launch)) == sorted(pids)
+        assert (tmp_path / "work" / "homes" / launch).is_dir()
+        launcher.kill()  # SIGKILL: no handler, no finally
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)], "processes of the launch outlived its launcher"
+        assert launch_processes(launch) == []
+        deadline = time.monotonic() + 10
+        while (tmp_path / "work" / "homes").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (tmp_path / "work" / "homes").exists()
+        # the children die of their parent-death signal or by the watchdog, whichever comes first; the detached grandchildren by the watchdog
+        assert re.search(r"killed [234] of its processes", (tmp_path / "work" / "logs" / "watchdog.log").read_text())
+    finally:
+        if launcher.poll() is None:
+            _stop_group(launcher)
+
+
+def test_deploy_each_launch_has_its_own_flower_homes(tmp_path):
+    """Two launches on one workdir (a resume after a resume) never share the CLI's config.toml: each has its own FLWR_HOMEs."""
+    from fedlora.flower.launch import LocalFederation
+
+    a, b = LocalFederation(tmp_path, 3), LocalFederation(tmp_path, 3)
+    assert a.cli_home != b.cli_home and a.cli_home.is_relative_to(tmp_path / "homes") and a.launch != b.launch
+    a._write_cli_config()
+    b._write_cli_config()
+    assert f"127.0.0.1:{a.port}" in (a.cli_home / "config.toml").read_text() and f"127.0.0.1:{b.port}" in (b.cli_home / "config.toml").read_text()
+    a.stop()
+    b.stop()
+    assert not (tmp_path / "homes").exists()

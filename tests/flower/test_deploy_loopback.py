@@ -1,7 +1,9 @@
 """A real SuperLink and three SuperNodes (ranks 4, 2, 1) on 127.0.0.1, against the in-process simulator.
 
 Every process is started by fedlora.flower.launch in its own process group and stopped by that
-group's id in the fixtures' finalizers, also when a test fails.
+group's id in the fixtures' finalizers, also when a test fails. A test that signals a process Flower
+started finds it among the descendants of its own SuperLink, never by name: another deployment may
+run beside the suite.
 """
 
 from __future__ import annotations
@@ -177,31 +179,60 @@ def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_
           f"downlink {[round(c['wire_bytes_down'] / c['bytes_down'], 4) for c in metrics[2]['clients']]}; lost {metrics[1]['lost']}")
 
 
-def _serverapps() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if any("flwr-serverapp" in str(x) for x in (p.info["cmdline"] or []))]
+def _serverapps(fed: LocalFederation) -> list[psutil.Process]:
+    """The live ServerApps of ``fed`` alone: under its own SuperLink (which starts them through its SuperExec), never
+    found by name across the machine, where another deployment's ServerApp may be running."""
+    found = []
+    for p in psutil.Process(fed.procs["superlink"].pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any("flwr-serverapp" in part for part in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:  # ended while we looked
+            pass
+    return found
 
 
-def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, simulate, tiny_model, tmp_path):
-    """The ServerApp is SIGKILLed after its round-1 checkpoint; a new one started with ``resume`` on the same
-    run folder continues from round 2 on the same SuperNodes (their saved bases) and ends as an uninterrupted run
-    would: the in-process simulator's run bit for bit, which an uninterrupted Flower run equals (the tests above
-    and tests/flower/test_ray_simulation.py). Two deployments on a tiny random Llama (the claim is about processes
-    and state, not the model)."""
-    overrides = [*FAST, "federation.method=flora", f"model.path={tiny_model}"]  # 2 rounds: killed after round 1, round 2 by the new ServerApp
-    broken = tmp_path / "broken"
-    handle = loopback.submit(TINY, broken, overrides, round_timeout=900, checkpoint_deltas=True)
+def _kill_serverapp_after(fed: LocalFederation, run: Path, overrides: list[str], checkpoint: str, **run_config) -> None:
+    """Deploy on ``run`` and SIGKILL the ServerApp once ``checkpoints/<checkpoint>`` is complete, in the next round."""
+    handle = fed.submit(TINY, run, overrides, round_timeout=900, checkpoint_deltas=True, **run_config)
     deadline = time.monotonic() + 900
-    while not (broken / "checkpoints" / "round-0001" / "state.json").is_file():
-        assert handle.running() and time.monotonic() < deadline, "the run ended before its round-1 checkpoint"
-        time.sleep(0.2)
-    (app,) = _serverapps()
+    while not (run / "checkpoints" / checkpoint / "state.json").is_file():
+        assert handle.running() and time.monotonic() < deadline, f"the run ended before its checkpoint {checkpoint}"
+        time.sleep(0.05)
+    (app,) = _serverapps(fed)
     app.send_signal(signal.SIGKILL)
     with pytest.raises(FlowerRunError):
         handle.wait(300)
-    assert not (broken / "final").exists() and not (broken / "checkpoints" / "round-2-delta.safetensors").exists()
-    loopback.run(TINY, broken, overrides, round_timeout=900, resume=True, checkpoint_deltas=True)
-    assert_bit_for_bit(broken, simulate(overrides))
-    assert (broken / "final" / "adapter_model.safetensors").is_file() and json.loads((broken / "summary.json").read_text())["rounds"] == 2
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+
+
+def _checkpoints(run: Path) -> dict[str, int]:
+    """Each complete checkpoint of ``run`` and how many metrics.jsonl lines it says it covers."""
+    return {p.name: json.loads((p / "state.json").read_text())["metrics_lines"] for p in sorted((run / "checkpoints").glob("round-*")) if p.is_dir()}
+
+
+def test_flower_deploy_resumes_a_killed_serverapp_bit_for_bit(loopback, simulate, tiny_model, tmp_path):
+    """The ServerApp is SIGKILLed in round 1, when only round 0's checkpoint exists; a new one started with ``resume``
+    on the same run folder goes on from round 1 and is SIGKILLed in its turn after its round-1 checkpoint; a third
+    resumes from there, on the same SuperNodes (their saved bases). Each round's line is written once, each checkpoint
+    counts its lines, and the run ends as an uninterrupted one would: the in-process simulator's run bit for bit, which
+    an uninterrupted Flower run equals (the tests above and tests/flower/test_ray_simulation.py). Before the fix the
+    first resume wrote round 0's line again and the second refused the run. Three deployments on a tiny random Llama
+    (the claim is about processes and state, not the model); the ServerApp is found under this test's own SuperLink."""
+    overrides = [*FAST, "federation.method=flora", f"model.path={tiny_model}"]  # 2 rounds
+    run = tmp_path / "run"
+    _kill_serverapp_after(loopback, run, overrides, "round-0000")  # killed in round 1
+    assert [m["round"] for m in read_metrics(run)] == [0] and _checkpoints(run) == {"round-0000": 1}, "not killed in round 1"
+
+    _kill_serverapp_after(loopback, run, overrides, "round-0001", resume=True)  # resumed from round 0, killed in round 2
+    assert [m["round"] for m in read_metrics(run)] == [0, 1], "round 0 recorded again, or not killed in round 2"
+    assert _checkpoints(run) == {"round-0000": 1, "round-0001": 2}
+    assert not (run / "checkpoints" / "round-2-delta.safetensors").exists()
+
+    loopback.run(TINY, run, overrides, round_timeout=900, resume=True, checkpoint_deltas=True)  # resumed from round 1
+    assert_bit_for_bit(run, simulate(overrides))  # every line once, equal to the simulator's; G_1 and G_2 exactly
+    assert _checkpoints(run) == {"round-0001": 2, "round-0002": 3}
+    assert (run / "final" / "adapter_model.safetensors").is_file() and json.loads((run / "summary.json").read_text())["rounds"] == 2
 
 
 def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simulator(loopback, simulate, tiny_model, tmp_path):

@@ -8,6 +8,7 @@ update matches bit for bit, round by round.
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from fedlora.config import load_config, packaged_config, to_yaml
 from fedlora.data.formatting import ClassifiedExample
 from fedlora.flower import client_app, runtime
 from fedlora.flower.roster import Roster
-from fedlora.flower.state import load_kept, state_dir
+from fedlora.flower.state import NodeStateError, load_kept, state_dir
 from fedlora.flower.strategy import FedLoraStrategy, RoundFailed
 from fedlora.methods import REGISTRY, MethodError, Setup, build_method
 from fedlora.model.adapters import AdapterHost
@@ -58,10 +59,12 @@ def _experiment(model, name, ranks, extra=(), classify=False):
 
 
 class InProcessGrid:
-    """The two Grid calls the strategy makes, served by the real ClientApp object."""
+    """The two Grid calls the strategy makes, served by the real ClientApp object.
 
-    def __init__(self, nodes: dict[int, dict], dead: set[int] = frozenset()) -> None:
-        self.nodes, self.dead, self.run_id = nodes, set(dead), 77
+    ``dead``: nodes whose train messages fail; ``fail_in``: a round whose train messages all fail (the round fails)."""
+
+    def __init__(self, nodes: dict[int, dict], dead: set[int] = frozenset(), fail_in: int | None = None) -> None:
+        self.nodes, self.dead, self.fail_in, self.run_id = nodes, set(dead), fail_in, 77
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -71,18 +74,24 @@ class InProcessGrid:
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as the real Grid does when it pushes
             node = msg.metadata.dst_node_id
-            if node in self.dead and msg.metadata.message_type == MessageType.TRAIN:  # it answered the roll call, then died
+            dead = node in self.dead or msg.metadata.group_id == str(self.fail_in)
+            if dead and msg.metadata.message_type == MessageType.TRAIN:  # it answered the roll call, then died
                 replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
                 continue
             ctx = Context(run_id=self.run_id, node_id=node, node_config=self.nodes[node], state=RecordDict(), run_config={})
-            replies.append(client_app.app(message=msg, context=ctx))
+            try:
+                replies.append(client_app.app(message=msg, context=ctx))
+            except NodeStateError as e:  # a SuperNode sends a ClientApp's exception back as an error reply, its text in the reason
+                replies.append(Message(Error(code=3, reason=f"{type(e)}:<'{e}'>"), reply_to=msg))
         return replies
 
 
-def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, recorded=()):
+def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, recorded=(), fail_in=None, records=None):
     """The ServerApp's steps with the in-process grid; each node's runtime shares the experiment's model.
 
-    ``resume_from``: a checkpoint folder to continue from, as a restarted ServerApp does (``recorded``: metrics.jsonl so far)."""
+    ``resume_from``: a checkpoint folder to continue from, as a restarted ServerApp does (``recorded``: metrics.jsonl so far);
+    ``fail_in``: the round whose every train message fails, so the run stops there (RoundFailed) as a killed ServerApp
+    would; ``records``: a list that gets each line as it is recorded, also from a run that stops."""
     client_methods = {}
 
     def fake_runtime(cfg_text, partition, num_partitions, data_path):
@@ -95,21 +104,21 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, record
     for key, value in (("_run_id", 77), ("_node_id", 0), ("_task_id", 1)):  # what the ServerApp process would know
         monkeypatch.setattr(TaskIdentity, key, value)
     nodes = {1000 + k: {"partition-id": k, "num-partitions": 3, "state-dir": str(tmp_path / f"node-{k}")} for k in range(3)}
-    grid = InProcessGrid(nodes, {1000 + k for k in dead})
+    grid = InProcessGrid(nodes, {1000 + k for k in dead}, fail_in)
     roster = Roster(3)
     roster.wait_for_all(grid, timeout=5)
-    records, deltas, heads = [], {}, {}
+    records, deltas, heads = [] if records is None else records, {}, {}
 
     def record(entry):
         records.append(entry)
         deltas[entry["round"]] = dense(exp.method.global_delta())
         heads[entry["round"]] = {k: {n: t.clone() for n, t in h.items()} for k, h in strategy.server.heads.heads.items()}
 
-    server, start = Server(exp), 0
+    server, done = Server(exp), []
     if resume_from is not None:
         done = checkpoint.load(resume_from, server, list(recorded))
-        start = done[-1]["round"]
-    strategy = FedLoraStrategy(server, roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints", start_round=start, lines=start + 1 if start else 0)
+    start = done[-1]["round"] if done else 0  # as the ServerApp computes them (server_app.main)
+    strategy = FedLoraStrategy(server, roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints", start_round=start, lines=len(done))
     strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds - start, timeout=5, evaluate_fn=strategy.evaluate)
     exp.flower_server = strategy.server  # what the ServerApp held at the end
     return records, deltas, heads
@@ -219,3 +228,89 @@ def test_flower_fedsa_resumed_after_a_lost_round_starts_each_client_from_its_b_b
     again, first = rest[0], whole[3]
     assert again["eval"] == first["eval"] and again["weights"] == first["weights"]
     assert [c["train_loss"] for c in again["clients"]] == [c["train_loss"] for c in first["clients"]]
+
+
+def test_flower_strategy_records_round_0_only_while_metrics_hold_no_line():
+    """Round 0 is skipped by the lines a resumed run holds, as ``Simulation.run`` skips it, not by the round it resumes
+    after: a ServerApp restarted from round 0's checkpoint (start_round 0, one line) must not record round 0 again."""
+    zeros = []
+    server = SimpleNamespace(exp=SimpleNamespace(cfg=load_config(packaged_config("tiny"), [])),
+                             round_zero=lambda: zeros.append(1) or {"round": 0})
+    for start, lines, recorded in [(0, 0, [{"round": 0}]), (0, 1, []), (2, 3, [])]:  # a new run; resumed after round 0; after round 2
+        got, zeros[:] = [], []
+        strategy = FedLoraStrategy(server, None, "", got.append, start_round=start, lines=lines)
+        assert strategy.evaluate(0, ArrayRecord()) is None
+        assert got == recorded and len(zeros) == len(recorded) and strategy.lines == lines + len(recorded), (start, lines)
+    for start, lines in [(0, 2), (1, 0), (2, 2), (-1, 0)]:  # not one line per round 0..start_round
+        with pytest.raises(ValueError, match="start_round"):
+            FedLoraStrategy(server, None, "", got.append, start_round=start, lines=lines)
+
+
+def _timeless(entry):
+    """A metrics line less what no rerun repeats: wall times, memory, the clients' own timings."""
+    out = {k: v for k, v in entry.items() if k not in ("wall_s", "rss_mb")}
+    out["clients"] = [{k: v for k, v in c.items() if k != "timing"} for c in entry.get("clients", [])]
+    return out
+
+
+def test_flower_resumed_from_round_0_and_stopped_again_resumes_and_ends_as_the_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
+    """A ServerApp stopped in round 1 (only round 0's checkpoint), resumed, stopped again in round 3 and resumed once
+    more writes each round's line once, checkpoints that count their lines right, and the uninterrupted run's lines
+    and G_t − W_0, bit for bit. The old skip (``start_round > 0``) recorded round 0 twice, and the second resume
+    refused the run ("metrics.jsonl holds rounds [0, 0, 1, 2]")."""
+    exp, setup = _experiment(tiny_llama, "flora", (4, 2, 1), ["federation.rounds=3"])
+    whole, whole_deltas, _ = _flower(exp, setup, tmp_path / "whole", monkeypatch)
+    assert [r["round"] for r in whole] == [0, 1, 2, 3]
+    exp.host.reset_base()  # the shared model back to W_0 before each new ServerApp's experiment (it reads W_0 off the model)
+
+    run, lines = tmp_path / "run", []
+    exp, setup = _experiment(tiny_llama, "flora", (4, 2, 1), ["federation.rounds=3"])
+    with pytest.raises(RoundFailed):
+        _flower(exp, setup, run, monkeypatch, fail_in=1, records=lines)
+    exp.host.reset_base()
+    assert [r["round"] for r in lines] == [0] and [p.name for p in checkpoint.complete(run / "checkpoints")] == ["round-0000"]
+
+    exp, setup = _experiment(tiny_llama, "flora", (4, 2, 1), ["federation.rounds=3"])
+    with pytest.raises(RoundFailed):
+        _flower(exp, setup, run, monkeypatch, resume_from=run / "checkpoints" / "round-0000", recorded=list(lines), fail_in=3, records=lines)
+    exp.host.reset_base()
+    assert [r["round"] for r in lines] == [0, 1, 2]
+    for path in checkpoint.complete(run / "checkpoints"):  # round-0001 and round-0002: one line per round 0..t
+        meta = json.loads((path / "state.json").read_text())
+        assert meta["metrics_lines"] == meta["round"] + 1, path.name
+
+    exp, setup = _experiment(tiny_llama, "flora", (4, 2, 1), ["federation.rounds=3"])
+    _, deltas, _ = _flower(exp, setup, run, monkeypatch, resume_from=run / "checkpoints" / "round-0002", recorded=list(lines), records=lines)
+    assert [r["round"] for r in lines] == [0, 1, 2, 3]
+    assert [_timeless(r) for r in lines] == [_timeless(r) for r in whole]
+    assert set(deltas[3]) == set(whole_deltas[3]) and all(torch.equal(deltas[3][n], whole_deltas[3][n]) for n in deltas[3])
+
+
+def test_flower_a_node_whose_base_is_damaged_drops_it_is_lost_once_and_is_reset_to_the_global_base(tiny_llama, tmp_path, monkeypatch):
+    """A flipped byte in node 1's saved base after round 1: round 2 records it lost with the reason (never trains on
+    a wrong base), and round 3 brings it from W_0 to the global base by a reset."""
+    from fedlora.flower import state as node_state
+    from fedlora.flower.state import load_state
+
+    save = node_state.save_state
+
+    def save_then_damage(folder, version, base):
+        save(folder, version, base)
+        if folder.name == "partition-1" and version == 1:  # after round 1's merge reached node 1 (its round-2 base)
+            path = folder / f"base-v{version}.safetensors"
+            data = bytearray(path.read_bytes())
+            data[-8] ^= 0x40
+            path.write_bytes(bytes(data))
+
+    monkeypatch.setattr(node_state, "save_state", save_then_damage)
+    exp, setup = _experiment(tiny_llama, "flora", (4, 2, 1), ["federation.rounds=4"])
+    records, deltas, _ = _flower(exp, setup, tmp_path, monkeypatch)
+    by_round = {r["round"]: r for r in records}
+    lost = [(t, x) for t in range(1, 5) for x in by_round[t].get("lost", [])]
+    assert len(lost) == 1 and lost[0][1]["id"] == 1 and "node state reset requested" in lost[0][1]["error"]
+    after = lost[0][0] + 1
+    assert 1 in [c["id"] for c in by_round[after]["clients"]]  # back the round after, from a reset
+    version, base = load_state(state_dir(tmp_path / "node-1", "run", 1))
+    assert version == after - 1
+    want = deltas[after - 1]
+    assert set(base) == set(want) and all(torch.allclose(base[n].double(), want[n], rtol=0, atol=1e-6) for n in want)

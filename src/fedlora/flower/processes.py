@@ -1,8 +1,23 @@
-"""Processes the local launcher starts: free ports, waiting for a port, stopping a process group."""
+"""Processes the local launcher starts: free ports, waiting for a port, stopping a process group, and the
+guard that ends every process of a deployment with its launcher, whatever signal ends the launcher.
+
+Flower's own processes start more processes, some detached in sessions of their own (the SuperLink
+starts its SuperExec with ``start_new_session``; the SuperExecs start the ServerApp and every
+ClientApp). A process group cannot hold them all, so every process a launch starts carries
+``FEDLORA_LAUNCH=<launch id>`` in its environment, which Flower's processes hand down to theirs. A
+small watchdog process (``python -m fedlora.flower.processes watch <launch id>``), started before any
+of them, waits on a pipe that only the launcher holds open: when the launcher ends — a clean stop,
+an exception, SIGTERM or SIGKILL alike — the pipe closes and the watchdog kills every process that
+carries the launch's id (read from ``/proc/<pid>/environ``, never matched by name), until none is left.
+The processes the launcher starts itself also get a parent-death signal (Linux ``PR_SET_PDEATHSIG``).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,13 +25,35 @@ import sys
 import time
 from pathlib import Path
 
+LAUNCH_ENV = "FEDLORA_LAUNCH"
+"""Set in the environment of every process a launch starts (and so of every process those start): the launch's id."""
+
 
 class FlowerRunError(RuntimeError):
-    """A Flower run that left no summary.json; the message carries the tail of its logs."""
+    """A Flower run that failed or left no summary.json of its own.
+
+    ``line`` is one line that says what happened and names the log; ``str()`` adds the tails of the logs."""
+
+    def __init__(self, line: str, details: str = "") -> None:
+        super().__init__(f"{line}\n{details}" if details else line)
+        self.line = line
 
 
 def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+_CAUSE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failed|Exit))(?::\s*(.*))?$")
+
+
+def last_error(text: str, limit: int = 300) -> str | None:
+    """The last ``SomeError: message`` line of a log (a traceback's last line), shortened to ``limit`` characters."""
+    for line in reversed(text.splitlines()):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # colours of a streamed log
+        if m := _CAUSE.match(line):
+            said = f"{m.group(1)}: {m.group(2)}" if m.group(2) else m.group(1)
+            return said if len(said) <= limit else said[: limit - 1] + "…"
+    return None
 
 
 def _bin(name: str) -> str:
@@ -30,16 +67,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path, name: str | None = None) -> None:
+    name = name or Path(str(proc.args[0])).name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _exited(proc, 0):
-            raise FlowerRunError(f"{proc.args[0]} exited before listening on {port}\n{_tail(log)}")
+            raise FlowerRunError(f"{name} exited before listening on port {port} (its log: {log})", _tail(log))
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise FlowerRunError(f"{proc.args[0]} not listening on {port} after {timeout:.0f} s\n{_tail(log)}")
+    raise FlowerRunError(f"{name} not listening on port {port} after {timeout:.0f} s (its log: {log})", _tail(log))
 
 
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
@@ -75,3 +113,138 @@ def _exited(proc: subprocess.Popen, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+# ---- one launcher per run folder --------------------------------------------------------------
+
+
+def hold(folder: Path) -> int | None:
+    """An exclusive ``flock`` on the folder itself (no file is written into it), held until this process ends;
+    None when another process holds it. The descriptor is not inherited by the processes this one starts."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def busy(lock_file: Path) -> bool:
+    """Whether another process holds ``lock_file`` (``fedlora run``'s and the ServerApp's ``RUN_DIR/.lock``); creates nothing."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ---- the processes of a launch die with it ---------------------------------------------------
+
+_PDEATH = ("import ctypes, os, sys\n"
+           "ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL when the launcher ends\n"
+           "if os.getppid() != int(sys.argv[1]):  # the launcher ended before the line above\n"
+           "    os._exit(137)\n"
+           "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def with_parent_death(cmd: list[str]) -> list[str]:
+    """``cmd`` started through a tiny exec wrapper that sets the parent-death signal (Linux) and then becomes ``cmd``
+    (the same PID, so the same process group). Done after the fork in a fresh interpreter, not in ``preexec_fn``,
+    which is unsafe in a process with threads (pytest with torch)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", _PDEATH, str(os.getpid()), *cmd]
+
+
+def launch_processes(launch: str, exclude: int | None = None) -> list[int]:
+    """PIDs of the live processes whose environment carries ``FEDLORA_LAUNCH=<launch>`` (this user's; never by name)."""
+    needle = f"{LAUNCH_ENV}={launch}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in (exclude, os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()  # empty for a zombie: it is dead already
+        except OSError:  # gone, or another user's
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def sweep(launch: str, timeout: float = 60, exclude: int | None = None) -> int:
+    """SIGKILL every process of the launch until three looks in a row find none (one being killed may be
+    starting another); how many were killed."""
+    killed, quiet, deadline = set(), 0, time.monotonic() + timeout
+    while quiet < 3 and time.monotonic() < deadline:
+        pids = launch_processes(launch, exclude)
+        quiet = 0 if pids else quiet + 1
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.1)
+    return len(killed)
+
+
+class Watchdog:
+    """The watchdog of one launch; ``close()`` (or the launcher's end, however it ends) makes it sweep and exit."""
+
+    def __init__(self, launch: str, remove: list[Path], log: Path) -> None:
+        read, self._write = os.pipe()  # both ends close-on-exec: only the watchdog gets the read end (as stdin)
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fedlora.flower.processes", "watch", launch, *map(str, remove)],
+                                         stdin=read, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        os.close(read)
+
+    def close(self, timeout: float = 90) -> None:
+        """Sweep now and wait until the watchdog is done."""
+        if self._write is not None:
+            os.close(self._write)
+            self._write = None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def watch(launch: str, remove: list[str]) -> None:
+    """The watchdog: wait for EOF on stdin (the launcher ended or stopped), kill what is left of the launch, remove
+    the launch's scratch folders (the first one's parent too, when it is empty). Ctrl-C and a closed terminal do not stop it (it runs in its own session too)."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            if not os.read(0, 4096):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    n = sweep(launch)
+    for path in remove:
+        shutil.rmtree(path, ignore_errors=True)
+    if remove:
+        try:
+            os.rmdir(Path(remove[0]).parent)  # the launch's FLWR_HOMEs come first: their parent (homes/) goes when no other launch's is there
+        except OSError:
+            pass
+    if n:
+        print(f"{time.strftime('%H:%M:%S')} watchdog: launch {launch} ended; killed {n} of its processes that were still running", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "watch":
+        watch(sys.argv[2], sys.argv[3:])

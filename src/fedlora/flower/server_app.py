@@ -64,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     if not settings.resume:
         run.write_config(cfg)
         run.write_partition(exp.partition_info)
-    start = done[-1]["round"] if done else 0
+    start = done[-1]["round"] if done else 0  # round 0's checkpoint: start 0 with one line, so round 0 is not recorded again
     strategy = FedLoraStrategy(
         server, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
         checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=run_key(out), deltas=settings.checkpoint_deltas,

@@ -12,7 +12,9 @@
 A client whose node fails or does not answer within the round timeout is recorded under
 ``lost``, one whose reply fails to decode or validate under ``rejected``; the round goes on with
 the others if at least ``federation.min_clients`` remain. ``start_round`` continues a run whose
-checkpoint holds rounds 1..start_round (Flower counts its rounds from 1 again).
+checkpoint holds rounds 0..start_round (Flower counts its rounds from 1 again); ``lines`` counts the
+metrics.jsonl entries it covers, and round 0 is evaluated only while there are none, as in
+``Simulation.run`` (a checkpoint of round 0 alone has ``start_round`` 0 and one line).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fedlora.app import checkpoint
 from fedlora.federation.round import Arrival, RoundFailed, start_of
 from fedlora.federation.server import Round, Server, personal_eval
 from fedlora.flower.client_app import RUN
+from fedlora.flower.state import NodeStateError
 from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
 from fedlora.methods.base import Delta
@@ -60,6 +63,8 @@ class FedLoraStrategy(Strategy):
         self.server, self.roster, self.cfg_text, self.record = server, roster, cfg_text, record
         self.cfg = server.exp.cfg
         self.roll_call_timeout, self.checkpoints, self.run_key, self.deltas = roll_call_timeout, checkpoints, run_key, deltas
+        if start_round < 0 or lines != start_round + 1 and (start_round, lines) != (0, 0):  # one line per round 0..start_round, or none yet
+            raise ValueError(f"start_round={start_round} with lines={lines}: a run resumed after round t covers t + 1 lines, a new run 0")
         self.start_round, self.lines = start_round, lines  # lines: metrics.jsonl entries so far
         self.wire = self.cfg.federation.wire_dtype
         self.sent: _Sent | None = None
@@ -139,6 +144,8 @@ class FedLoraStrategy(Strategy):
                 log(WARNING, "round %d: a reply to no message of this round, dropped", number)
             elif reply.has_error():
                 sent.lost.append({"id": k, "node": sent.messages[k].metadata.dst_node_id, "error": f"{reply.error.code}: {reply.error.reason}"[:500]})
+                if NodeStateError.MARKER in reply.error.reason:  # it dropped a damaged base: its next plan starts it from W_0
+                    self.server.base_dropped(k)
             else:
                 arrived[k] = reply
         for k, m in sent.messages.items():
@@ -190,8 +197,8 @@ class FedLoraStrategy(Strategy):
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Strategy.start's evaluate_fn: write the round's line (round 0: evaluate first), then the checkpoint."""
         if server_round == 0:
-            if self.start_round > 0:
-                return None  # a resumed run: its round 0 is in metrics.jsonl already
+            if self.lines:
+                return None  # a resumed run, also one from round 0's checkpoint: its round 0 is in metrics.jsonl already
             entry = self.server.round_zero()
         else:
             assert self.entry is not None
