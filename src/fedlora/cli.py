@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--jobs", type=int, default=1, help="cells side by side on this machine, each with its share of the CPU threads (and a GPU in turn)")
     study.add_argument("--threads", type=int, help="torch threads per cell (default: this machine's CPUs / --jobs)")
     study.add_argument("--ray", metavar="ADDRESS", help="run the cells as Ray tasks on this cluster (ray start …; run folders on storage every node sees)")
+    study.add_argument("--only", metavar="GLOBS", help="run only the cells whose names match these comma-separated globs, e.g. 'flora-*,fedit-seed0'")
     study.add_argument("--dry-run", action="store_true", help="print the cells and an estimate of their cost (a timed first round per setting); run nothing")
     study.add_argument("--tables-only", action="store_true", help="run nothing: the tables and plots from the finished cells")
     study.set_defaults(func=cmd_study)

@@ -35,7 +35,7 @@ def study_command(args: argparse.Namespace) -> int:
         if not (out / "runs").is_dir():
             raise ConfigError(f"--tables-only: no runs in {out} (accepted: a study whose cells have run, or --output DIR of one)")
     else:
-        lines = run_study(study, out, args.jobs, args.threads, args.ray)
+        lines = run_study(study, out, args.jobs, args.threads, args.ray, args.only)
         if failed := [x["cell"] for x in lines if x["exit"] != 0]:
             log.warning("study %s: %d cells failed (%s); their logs are in %s", study.name, len(failed), ", ".join(failed), out / "logs")
     from fedlora.study.report import write_report

@@ -11,6 +11,7 @@ runs used, whatever else the machine was doing.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -131,9 +132,22 @@ def _load() -> float | None:
         return None
 
 
-def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None, ray_address: str | None = None) -> list[dict[str, Any]]:
-    """Run every cell that is not done; the ledger lines of what ran. Failed cells are reported, not retried."""
-    todo = [c for c in study.cells() if state(study, c, out) != "done"]
+def selected(study: Study, only: str | None) -> list[Cell]:
+    """The study's cells, or those whose name matches one of ``only``'s comma-separated globs (``steps2-fedplora-seed[01]``)."""
+    cells = study.cells()
+    if not only:
+        return cells
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"--only: {only!r} matches no cell of {study.name} (accepted: globs over cell names, e.g. {cells[0].name})")
+    return chosen
+
+
+def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None, ray_address: str | None = None,
+              only: str | None = None) -> list[dict[str, Any]]:
+    """Run every selected cell that is not done; the ledger lines of what ran. Failed cells are reported, not retried."""
+    todo = [c for c in selected(study, only) if state(study, c, out) != "done"]
     out.mkdir(parents=True, exist_ok=True)
     log.info("study %s: %d of %d cells to run (%s)", study.name, len(todo), len(study.cells()),
              f"Ray at {ray_address}" if ray_address else f"{jobs} at a time")
