@@ -107,12 +107,11 @@ def write(name: str, quick: bool, load_before: str, targets: list[dict[str, Any]
 
 
 def build_hetero_or_homo(name: str, layers: dict, clients: int, pattern: list[int], homogeneous: int, scale: float):
-    """The method at the heterogeneous rank pattern where it accepts one, else every client at ``homogeneous``."""
-    from fedlora.methods import MethodError, Setup, build_method
+    """The method at the heterogeneous rank pattern where it declares it accepts one (``ranks``), else every client at ``homogeneous``."""
+    from fedlora.methods import Setup, build_method, method_class
 
-    hetero = {k: pattern[k % len(pattern)] for k in range(clients)}
-    try:
-        return build_method(name, Setup(layers, hetero, {k: scale for k in hetero}, seed=0))
-    except MethodError:
-        homo = {k: homogeneous for k in range(clients)}
-        return build_method(name, Setup(layers, homo, {k: scale for k in homo}, seed=0))
+    if method_class(name).ranks == "any":
+        ranks = {k: pattern[k % len(pattern)] for k in range(clients)}
+    else:
+        ranks = {k: homogeneous for k in range(clients)}
+    return build_method(name, Setup(layers, ranks, {k: scale for k in ranks}, seed=0))

@@ -21,16 +21,10 @@ from pathlib import Path
 import torch
 
 from fedlora.config import load_config
-from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+from fedlora.methods import REGISTRY
+from fedlora.methods.registry import needs_one_rank
 
 
-def needs_one_rank(name: str, ranks: list[int]) -> bool:
-    layers = {"l": (4096, 4096)}  # wide enough for any configured rank
-    try:
-        build_method(name, Setup(layers, dict(enumerate(ranks)), {k: 2.0 for k in range(len(ranks))}))
-        return False
-    except MethodError:
-        return True
 
 
 def run(config: str, out: Path, name: str, overrides: list[str]) -> dict:

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+from fedlora.methods import REGISTRY, Setup, build_method
 from fedlora.methods.base import ClientUpdate, Factors, client_finish, client_prepare
 from fedlora.methods.state import load_state_dict, state_dict
 from fedlora.methods.validate import Bounds, check_update
@@ -38,13 +38,11 @@ def federations(draw):
 
 
 def _build(name, layers, ranks, scales):
-    """The method at heterogeneous ranks and scales, else at one rank and one scale (what it accepts)."""
-    for r, s in ((ranks, scales), (ranks, {k: 2.0 for k in ranks}), ({k: 1 for k in ranks}, {k: 2.0 for k in ranks})):
-        try:
-            return build_method(name, Setup(layers, r, s, seed=0, dtype=torch.float64))
-        except MethodError:
-            continue
-    raise AssertionError(f"{name} accepts no setup")
+    """The method at the drawn ranks and scales where it declares it accepts them (``ranks``, ``scales``), else at one rank or one scale."""
+    cls = REGISTRY[name]
+    r = ranks if cls.ranks == "any" else {k: 1 for k in ranks}
+    s = scales if cls.scales == "any" else {k: 2.0 for k in ranks}
+    return build_method(name, Setup(layers, r, s, seed=0, dtype=torch.float64))
 
 
 def _updates(method, n, gen, rnd=1):

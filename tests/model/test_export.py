@@ -163,3 +163,28 @@ def test_no_layer_of_an_adapter_is_wider_than_the_layer_and_a_larger_than_dense_
     back = load_adapter_delta(host, tmp_path / "a")
     for n, terms in delta.items():
         assert rel_err(back[n][0].dense(), terms[0].dense()) < 1e-5  # exact, in float32
+
+
+@pytest.mark.parametrize("method, ranks", [("fedex", [2, 2, 2]), ("florist", [3, 2, 1]), ("zeropad", [3, 2, 1])])
+def test_every_merging_method_is_compressed_by_default(base, tmp_path, monkeypatch, method, ranks):
+    """A method that declares ``merges`` (its ΔW's rank grows with the rounds) exports at the smallest rank within the tolerance, as FLoRA does.
+
+    Random updates have flat spectra: a 50 % tolerance makes the truncation visible.
+    """
+    from fedlora.evaluation import export_run as module
+    from fedlora.methods import REGISTRY
+
+    assert REGISTRY[method].merges
+    monkeypatch.setattr(module, "TOLERANCE", 0.5)
+    run, delta = tiny_run_dir(tmp_path / "run", base, method, ranks)
+    e = export_run(run, tmp_path / "out")
+    assert e.rank == smallest_rank(spectra(delta), 0.5) < e.exact_rank and 0 < e.max_layer_error <= 0.5
+
+
+def test_a_method_that_does_not_merge_is_exported_exactly(base, tmp_path, monkeypatch):
+    from fedlora.evaluation import export_run as module
+
+    monkeypatch.setattr(module, "TOLERANCE", 0.5)
+    run, _ = tiny_run_dir(tmp_path / "run", base, "flexlora", [3, 2, 1])
+    e = export_run(run, tmp_path / "out")
+    assert e.rank == e.exact_rank and e.max_layer_error == 0.0

@@ -38,8 +38,6 @@ from tests.tiny_folder import FAMILIES, FUSED, TIED, missing_class, save_tiny_mo
 ROOT = Path(__file__).resolve().parents[2]
 from fedlora.methods import REGISTRY
 
-HOMOGENEOUS = {"fedit", "fedsa", "ffa", "fedex", "rolora"}  # one rank for every client
-PERSONAL = {"fedsa", "local"}  # no global model: client 0's own model is exported and checked
 FAST = ["federation.rounds=1", "train.local_steps=1", "train.lr=0.05", "train.max_length=48", "data.max_examples=24",
         "eval.max_examples=4", "federation.num_clients=2"]
 METHODS = sorted(REGISTRY)
@@ -72,7 +70,7 @@ def folders(tmp_path_factory) -> Folders:
 
 
 def fedlora_run(base: Path, out: Path, method: str, targets: list[str] | str) -> Path:
-    ranks = "lora.rank=2" if method in HOMOGENEOUS else "lora.ranks=[2,1]"
+    ranks = "lora.rank=2" if REGISTRY[method].ranks == "one" else "lora.ranks=[2,1]"
     names = targets if isinstance(targets, str) else "[" + ",".join(targets) + "]"
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={base}", f"federation.method={method}", f"output.dir={out}",
             f"lora.target_modules={names}", ranks, *FAST]
@@ -118,7 +116,7 @@ def check_export(base: Path, run: Path, exported: Path, personal: bool) -> PeftM
 
 @pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_run_export_and_reload_with_peft(folders, tmp_path, family, method):
-    base, personal = folders[family], method in PERSONAL
+    base, personal = folders[family], REGISTRY[method].personal  # no global model: client 0's own model is exported and checked
     run = fedlora_run(base, tmp_path / "run", method, targets_of(family))
     fedlora_export(run, tmp_path / "adapter", personal)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

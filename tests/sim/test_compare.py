@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from fedlora.cli import main
+from fedlora.config import ConfigError
 from tests.evaluation.tiny_run import TARGETS, tiny_model_dir
+from tests.methods.outside import outside  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,3 +254,11 @@ def test_tables_only_reads_the_results_without_the_model(compared: Path, config:
     plan = compare_module.make_plan(str(config), "flora,fedit", 2, ["eval.every=1"])
     records = compare_module.finished(plan, compared)
     assert sorted((r["method"], r["seed"]) for r in records) == [("fedit", 0), ("fedit", 1), ("flora", 0), ("flora", 1)]
+
+
+def test_methods_from_outside_are_accepted_by_path(outside) -> None:
+    from fedlora.app.compare import parse_methods
+
+    assert parse_methods(f"flora,{outside}:OneRank,flora") == ["flora", f"{outside}:OneRank"]
+    with pytest.raises(ConfigError, match=r"^--methods: unknown value 'nosuch_pkg:X' \(accepted: comma-separated names from flora, .*, or package\.module:Class\)$"):
+        parse_methods("flora,nosuch_pkg:X")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.methods import Setup, build_method
+from fedlora.methods import REGISTRY, Setup, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.state import pack, state_of
 from fedlora.federation.round import Arrival, RoundFailed, bounds_of, finish_round
@@ -17,7 +17,7 @@ RANKS = {0: 4, 1: 2, 2: 1}
 
 
 def _method(name: str):
-    ranks = RANKS if name != "fedit" else {k: 2 for k in RANKS}
+    ranks = RANKS if REGISTRY[name].ranks == "any" else {k: 2 for k in RANKS}
     return build_method(name, Setup(LAYERS, ranks, {k: 2.0 for k in RANKS}, seed=0, dtype=torch.float64))
 
 

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from fedlora.methods import Setup, build_method
+from fedlora.methods import REGISTRY, Setup, build_method
 from fedlora.methods.base import as_received
 from fedlora.ops.weights import data_weights
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
@@ -21,7 +21,7 @@ FOLDING = ["flora", "zeropad", "fedit", "ffa", "full"]
 
 
 def _setup(name: str, n: int, layers=LAYERS) -> Setup:
-    ranks = {k: (2 if name in ("fedit", "ffa") else 1 + k % 3) for k in range(n)}
+    ranks = {k: (2 if REGISTRY[name].ranks == "one" else 1 + k % 3) for k in range(n)}
     if name == "full":
         ranks = {k: 10 for k in range(n)}
     return Setup(layers, ranks, {k: (1.0 if name == "full" else 2.0) for k in range(n)}, seed=0, dtype=torch.float64)

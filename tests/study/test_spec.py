@@ -9,6 +9,8 @@ import pytest
 from fedlora.config import ConfigError
 from fedlora.study.spec import load_study
 
+from tests.methods.outside import outside  # noqa: F401 (fixture)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,6 +51,12 @@ def test_one_rank_and_packaged_configs(tmp_path):
     study = load_study(write(tmp_path, "config: tiny\nseeds: 1\none_rank: 2\nfactors:\n  method: [fedit, zeropad]\n"))
     ranks = {c.labels["method"]: study.cell_config(c).client_ranks() for c in study.cells()}
     assert ranks == {"fedit": [2, 2, 2], "zeropad": [4, 2, 1]}
+
+
+def test_a_method_from_outside_that_declares_one_rank_runs_at_one_rank(tmp_path, outside):
+    study = load_study(write(tmp_path, f"config: tiny\nseeds: 1\nfactors:\n  method: [zeropad, '{outside}:OneRank']\n"))
+    ranks = {c.labels["method"]: study.cell_config(c).client_ranks() for c in study.cells()}
+    assert ranks == {"zeropad": [4, 2, 1], f"{outside}_OneRank": [1, 1, 1]}
 
 
 @pytest.mark.parametrize("text, says", [

@@ -2,8 +2,8 @@
 
 Per seed the experiment is prepared once (data, partition, model load); every method then runs on
 that same split and model, from the same initial head, each into its own run folder
-``<out>/runs/<method>-seed<s>/`` (config, partition, metrics, summary). A method that needs one
-rank for every client (fedit, ffa, fedsa, fedex, rolora) runs at ``one_rank`` (default: the smallest client rank, which
+``<out>/runs/<method>-seed<s>/`` (config, partition, metrics, summary). A method that declares one
+rank for every client (``ranks = "one"``: fedit, ffa, fedsa, fedex, rolora) runs at ``one_rank`` (default: the smallest client rank, which
 every client can afford), and the table says so.
 
 A finished run is reused only when its resolved config equals the plan's: its summary.json holds
@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from fedlora.config import Config, ConfigError, load_config
-from fedlora.methods import REGISTRY, Method, MethodError, Setup, build_method
+from fedlora.methods import Method, MethodError, Setup, available, build_method, method_class
+from fedlora.methods.registry import needs_one_rank
 from fedlora.federation.experiment import Experiment, check_model, prepare
 from fedlora.sim.federation import Hooks, Simulation
 from fedlora.app.final import save_final
@@ -54,12 +55,15 @@ class Plan:
 
 
 def parse_methods(text: str) -> list[str]:
-    """``a,b,c`` → registered method names, in order, without repeats."""
+    """``a,b,c`` → method names (registered, an entry point's, or package.module:Class), in order, without repeats."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise ConfigError(f"--methods: empty value {text!r} (accepted: comma-separated names from {', '.join(REGISTRY)})")
-    if bad := [m for m in names if m not in REGISTRY]:
-        raise ConfigError(f"--methods: unknown value {bad[0]!r} (accepted: comma-separated names from {', '.join(REGISTRY)})")
+        raise ConfigError(f"--methods: empty value {text!r} (accepted: comma-separated names from {', '.join(available())})")
+    for name in names:
+        try:
+            method_class(name)
+        except MethodError as e:
+            raise ConfigError(f"--methods: unknown value {name!r} (accepted: comma-separated names from {', '.join(available())}, or package.module:Class)") from e
     return list(dict.fromkeys(names))
 
 
@@ -79,18 +83,19 @@ def make_plan(config: str, methods: str, seeds: int, overrides: list[str], one_r
     return Plan(config, list(overrides), parse_methods(methods), [base.seed + i for i in range(seeds)], one_rank)
 
 
-def method_config(plan: Plan, method: str, seed: int, shapes: dict[str, tuple[int, int]]) -> tuple[Config, Method, bool]:
-    """The config and method object for one run; True when the method had to use one rank for all."""
+def run_config(plan: Plan, method: str, seed: int) -> tuple[Config, bool]:
+    """The config of one run; True when the method declares one rank (``ranks = "one"``) and the clients' differ."""
     extra = [f"seed={seed}", f"federation.method={method}"]
     cfg = load_config(plan.config, [*plan.overrides, *extra])
-    try:
-        return cfg, build_method(method, _setup(cfg, shapes)), False
-    except MethodError:
-        if len(set(cfg.client_ranks())) == 1 and plan.one_rank is None:
-            raise
-    rank = plan.one_rank or min(cfg.client_ranks())
-    cfg = load_config(plan.config, [*plan.overrides, *extra, f"lora.rank={rank}"])
-    return cfg, build_method(method, _setup(cfg, shapes)), True
+    if not needs_one_rank(method, cfg.client_ranks()):
+        return cfg, False
+    return load_config(plan.config, [*plan.overrides, *extra, f"lora.rank={plan.one_rank or min(cfg.client_ranks())}"]), True
+
+
+def method_config(plan: Plan, method: str, seed: int, shapes: dict[str, tuple[int, int]]) -> tuple[Config, Method, bool]:
+    """The config and method object for one run (``run_config``), the method built on the real layers."""
+    cfg, one_rank = run_config(plan, method, seed)
+    return cfg, build_method(method, _setup(cfg, shapes)), one_rank
 
 
 def _setup(cfg: Config, shapes: dict[str, tuple[int, int]]) -> Setup:
@@ -142,8 +147,8 @@ def slots(plan: Plan, out: Path, shapes: dict[str, tuple[int, int]] | None, fini
     A folder that is neither a finished run of the plan's config nor compare's own unfinished run
     of it is a ConfigError of one line (nothing is deleted); with ``finished_only`` (tables only:
     nothing runs) an unfinished or foreign folder is skipped, a finished run of other settings is
-    still an error. ``shapes`` None (tables only, the model folder absent): a run matches either
-    config ``method_config`` can give, the plan's ranks or one rank for all. Reads the folders
+    still an error. ``shapes`` None (tables only, the model folder absent): the config alone, the
+    method not built (whether it runs at one rank is declared, ``run_config``). Reads the folders
     only: call it before any work.
     """
     out_slots = []
@@ -153,21 +158,13 @@ def slots(plan: Plan, out: Path, shapes: dict[str, tuple[int, int]] | None, fini
                 cfg, _, one_rank = method_config(plan, method, seed, shapes)
                 choices = [(cfg, one_rank)]
             else:
-                choices = _either_config(plan, method, seed)
+                choices = [run_config(plan, method, seed)]
             folder = run_dir(out, method, seed)
             found = _state(folder, choices, finished_only)
             if found is not None:
                 state, (cfg, one_rank) = found
                 out_slots.append(Slot(method, seed, folder, cfg, one_rank, config_digest(cfg), state))
     return out_slots
-
-
-def _either_config(plan: Plan, method: str, seed: int) -> list[tuple[Config, bool]]:
-    """The configs ``method_config`` may give without the layer shapes to decide: the plan's ranks, one rank for all."""
-    extra = [f"seed={seed}", f"federation.method={method}"]
-    cfg = load_config(plan.config, [*plan.overrides, *extra])
-    rank = plan.one_rank or min(cfg.client_ranks())
-    return [(cfg, False), (load_config(plan.config, [*plan.overrides, *extra, f"lora.rank={rank}"]), True)]
 
 
 def _state(folder: Path, choices: list[tuple[Config, bool]], finished_only: bool) -> tuple[str, tuple[Config, bool]] | None:

@@ -19,7 +19,8 @@ from fedlora.config import Config, ConfigError, to_yaml
 
 
 def default_run_dir(method: str) -> Path:
-    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{method}"
+    """runs/<timestamp>-<method>; a method's dotted path (``pkg.module:Class``) without its colon."""
+    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{method.replace(':', '.')}"
 
 
 def clean_json(x: Any) -> Any:

@@ -1,9 +1,10 @@
 """`fedlora export RUN_DIR --out DIR [--rank r] [--merged] [--client K]`.
 
 The run's final/ adapter holds its global update ΔW = W_T − W_0 exactly. For the methods whose
-update lives in merged base weights (flora, zeropad) that exact rank grows with every round,
-so the export keeps the top r singular triplets of every layer (model/export.py), r the
-smallest one rank with every layer's relative error ≤ 1% unless ``--rank`` says otherwise.
+update lives in merged base weights (``merges``: flora, zeropad, fedex, florist, …) that exact
+rank grows with every round, so the export keeps the top r singular triplets of every layer
+(model/export.py), r the smallest one rank with every layer's relative error ≤ 1% unless
+``--rank`` says otherwise.
 The other methods are exported exactly unless ``--rank`` asks for less. ``--merged`` writes
 W_0 + ΔW (the exact ΔW unless ``--rank`` is given) as a full model folder with the tokenizer.
 """
@@ -23,7 +24,6 @@ from fedlora.report.card import write_card
 from fedlora.model.export import exact_rank, load_adapter_delta, overall_error, save_adapter, save_merged, smallest_rank, spectra, truncate
 from fedlora.model.loading import load_causal_lm, resolve_model_dir, target_layer_shapes
 
-MERGED_BASE_METHODS = ("flora", "zeropad")
 TOLERANCE = 0.01
 
 
@@ -67,7 +67,7 @@ def export_run(run_dir: str | Path, out: str | Path, rank: int | None = None, me
     exact = exact_rank(specs)
     if rank is not None and rank > exact:
         raise RunFolderError(f"--rank: {rank} exceeds the update's exact rank {exact} (accepted: 1..{exact}, or no --rank)")
-    if rank is None and not merged and cfg.federation.method in MERGED_BASE_METHODS:
+    if rank is None and not merged and merges(cfg.federation.method):
         rank = smallest_rank(specs, TOLERANCE)
     errors = {}
     if rank is not None:
@@ -100,6 +100,13 @@ def describe(e: Exported) -> str:
             f"in the worst layer ({e.worst_layer}), {100 * e.overall_error:.3f}% over all layers"
         )
     return f"{e.method}: {what} in {e.out} ({err}); base model {e.base_model}"
+
+
+def merges(method: str) -> bool:
+    """Whether the run's method merges into the base each round (its declared ``merges``): ΔW's rank grows with the rounds."""
+    from fedlora.methods import method_class
+
+    return method_class(method).merges
 
 
 def _stored_dtype(model_dir: Path) -> torch.dtype:

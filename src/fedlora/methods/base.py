@@ -119,6 +119,14 @@ Regularizer = Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Ten
 """Extra training loss from the live LoRA parameters: layer → (B, A)."""
 
 
+class Kind:
+    """``Method.kind`` on the class and on an instance: "pooled", "personal" or "global"."""
+
+    def __get__(self, obj: Any, cls: type) -> str:
+        held = obj if obj is not None else cls
+        return "pooled" if held.pooled else "personal" if held.personal else "global"
+
+
 class Method:
     """A heterogeneous-rank aggregation method; stateful like a Flower strategy.
 
@@ -145,6 +153,15 @@ class Method:
     modules: int | None = None  # Fed-PLoRA: the number R of one-rank modules per layer, checked on upload
     merged: Any = None  # a MergedBase when the method merges each round into the frozen base (FLoRA, zero-padding)
     keeps = False  # the client keeps state between rounds (``client_keep``/``client_start``), never sent; clients evaluate
+
+    # What everybody else reads (tests, compare, study, export, benches, docs) instead of probing
+    # or keeping lists of names; tests/methods/test_declarations.py checks each against behaviour.
+    ranks = "any"  # "one": every client trains one rank (other setups are a MethodError); "any": r_k per client
+    scales = "any"  # "one": every client shares one lora.scale (other setups are a MethodError)
+    exact = False  # a round's global model is the FedAvg ideal G_t + Σ p_k (M_k − G_t) (agg_noise 0), at the default options
+    merges = False  # merges into every client's frozen base each round: ``merged`` is then its MergedBase
+    sums_only = False  # the aggregate needs only Σ_k w_k T_k of uploads of one shape, never one client's upload (secure summation)
+    kind = Kind()  # "global", "personal" or "pooled": read from ``personal`` and ``pooled``, not declared twice
 
     def plan(self, client: int, round: int) -> ClientPlan:
         raise NotImplementedError

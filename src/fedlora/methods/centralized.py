@@ -8,16 +8,21 @@ from __future__ import annotations
 
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank
 
 
+@register
 class Centralized(Method):
     name = "centralized"
     summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
     options: dict = {}
     state_keys = ("factors",)
+    scales = "one"
+    exact = True  # one pooled model: its upload is the ideal
+    sums_only = True  # a sum of one upload, weight 1 (nothing is communicated)
     pooled = True  # the simulator trains client 0 on every client's training split
     communicates = False
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from fedlora.methods.base import Setup
 from fedlora.methods.errors import MethodError
+from fedlora.methods.registry import REGISTRY
 
-HETEROGENEOUS = "flora, florist, zeropad, hetlora, flexlora, fedplora"
-"""The methods that accept a different rank per client (named in every one-rank error)."""
+
+def heterogeneous() -> str:
+    """The registered methods that federate clients of different ranks (named in every one-rank error), read from their ``ranks``."""
+    return ", ".join(name for name, cls in REGISTRY.items() if cls.ranks == "any" and cls.communicates)
 
 
 def one_rank(method: str, setup: Setup) -> int:
     """The rank every client shares on every layer, or a one-line error naming the alternatives."""
     if setup.rank_patterns:
-        raise MethodError(f"lora.rank_patterns: {method} needs one rank on every layer (accepted: none, or a heterogeneous method: {HETEROGENEOUS})")
+        raise MethodError(f"lora.rank_patterns: {method} needs one rank on every layer (accepted: none, or a heterogeneous method: {heterogeneous()})")
     ranks = sorted(set(setup.ranks.values()))
     if len(ranks) != 1:
         raise MethodError(
             f"federation.method: {method!r} needs one rank for every client, got lora.ranks={[setup.ranks[k] for k in sorted(setup.ranks)]} "
-            f"(accepted: lora.rank=R, or a heterogeneous method: {HETEROGENEOUS})"
+            f"(accepted: lora.rank=R, or a heterogeneous method: {heterogeneous()})"
         )
     return ranks[0]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import WEIGHTS
@@ -36,12 +37,18 @@ from fedlora.ops.lowrank import LowRank, Term, smallest_form, stack
 from fedlora.ops.weights import normalised
 
 
+@register
 class FedEx(Method):
     name = "fedex"
     summary = "FedIT's averages plus the exact residual s Σ p_k B_k A_k − s B̄Ā merged into every base (exact)."
 
     options = {"weights": WEIGHTS}
     state_keys = ("factors", "merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
+    ranks = "one"
+    scales = "one"
+    exact = True  # the residual makes the global model the FedAvg ideal
+    merges = True
+    sums_only = False  # the residual Σ p_k (B_k − B̄)(A_k − Ā) needs each client's own pair
 
     def __init__(self, setup: Setup) -> None:
         start_one_rank(self, setup)

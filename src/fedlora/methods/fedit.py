@@ -8,18 +8,24 @@ rank and one scale for every client.
 from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.registry import register
 from fedlora.ops.lowrank import LowRank
 from fedlora.methods.checks import one_rank, one_scale
 from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import read_options
 
 
+@register
 class FedIT(Folds):
     name = "fedit"
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
     options: dict = {}
     state_keys = ("factors",)
+    ranks = "one"
+    scales = "one"
+    exact = False  # the product of means is not the mean of products
+    sums_only = True  # Σ w_k B_k and Σ w_k A_k
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

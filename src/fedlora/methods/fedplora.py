@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, seeded_generator
@@ -36,6 +37,7 @@ from fedlora.ops.weights import normalised
 from fedlora.methods.similarity import module_similarity
 
 
+@register
 class FedPLoRA(Method):
     name = "fedplora"
     summary = "R parallel one-rank modules; each client trains r_k of them and folds the rest (zero init noise)."
@@ -47,6 +49,9 @@ class FedPLoRA(Method):
     }
 
     state_keys = ("factors",)
+    scales = "one"  # one s for every module and client
+    exact = False  # each module is averaged over the clients that trained it: not Σ p_k s B_k A_k
+    sums_only = False  # per-module sums over the clients that chose the module: sums-only once clients upload all R modules with a mask
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Kept, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import WEIGHTS
@@ -28,12 +29,17 @@ from fedlora.ops.lowrank import kaiming_A, seeded_generator
 A_KEY = "A_bar:"  # + layer name: the shared factor in the plan's meta (init is built on the client)
 
 
+@register
 class FedSA(Folds):
     name = "fedsa"
     summary = "Share A (FedAvg), keep each client's B on the client: one personal model per client."
 
     options = {"weights": WEIGHTS}
     state_keys = ("A",)
+    ranks = "one"
+    scales = "one"
+    exact = False  # no global model to be exact about (agg_noise undefined)
+    sums_only = True  # Σ w_k A_k
     personal = True  # no global model: each client is evaluated with its own B_k
     keeps = True  # B_k stays on the client
 

@@ -22,7 +22,8 @@ import zlib
 import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, plan_for_layers
-from fedlora.methods.checks import HETEROGENEOUS, one_rank, one_scale
+from fedlora.methods.registry import register
+from fedlora.methods.checks import heterogeneous, one_rank, one_scale
 from fedlora.methods.errors import MethodError
 from fedlora.methods.folding import FoldsB
 from fedlora.methods.options import read_options
@@ -40,12 +41,17 @@ def shared_A(seed: int, layer: str, rank: int, d_in: int, dtype: torch.dtype) ->
     return kaiming_A(rank, d_in, seeded_generator(seed, A_TAG, zlib.crc32(layer.encode())), dtype)
 
 
+@register
 class FFALoRA(FoldsB):
     name = "ffa"
     summary = "A drawn once from a shared seed and frozen; only B trains and is averaged (exact)."
 
     options: dict = {}
     state_keys = ("B",)  # A is a function of the seed
+    ranks = "one"
+    scales = "one"
+    exact = True  # A is shared: Σ p_k s B_k A = s B̄ A
+    sums_only = True  # Σ w_k B_k
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)
@@ -58,7 +64,7 @@ class FFALoRA(FoldsB):
                 one_rank(self.name, Setup(setup.layers, setup.ranks, setup.scales))  # the one-rank error
             raise MethodError(
                 f"lora.rank_patterns: 'ffa' needs every client to share each layer's rank, got {per_layer} on {name} "
-                f"(accepted: one pattern for all clients, or a heterogeneous method: {HETEROGENEOUS})"
+                f"(accepted: one pattern for all clients, or a heterogeneous method: {heterogeneous()})"
             )
         self.rank = {name: setup.rank_of(next(iter(setup.ranks)), name) for name in setup.layers}
         self.A = self._draw_A(setup.seed)

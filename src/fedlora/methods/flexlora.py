@@ -30,12 +30,14 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
+from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
 from fedlora.ops.weights import normalised
 
 
+@register
 class FlexLoRA(Method):
     name = "flexlora"
     summary = "Average s_k B_k A_k exactly; each client restarts from the rank-r_k truncated SVD of that global update."
@@ -45,6 +47,8 @@ class FlexLoRA(Method):
     }
 
     state_keys = ("delta", "round")
+    exact = True  # ΔW_g is Σ p_k s_k B_k A_k, stacked
+    sums_only = False  # the stack needs each client's own B_k and A_k
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
 
 
+@register
 class FLoRA(Folds):
     name = "flora"
     summary = "Stack the clients' factors so the merge equals Σ p_k s_k B_k A_k exactly; fresh adapters each round."
@@ -33,12 +35,17 @@ class FLoRA(Folds):
     }
 
     state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
+    exact = True  # the stack is Σ p_k s_k B_k A_k (with ``scaling`` c = 1)
+    merges = True
+    sums_only = False  # the product sums need each client's own B_k and A_k
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
         self.uniform = opts["weights"] == "uniform"
         self.scaling = float(opts["scaling"])
+        if self.scaling != 1.0:
+            self.exact = False  # c ≠ 1 scales the merge away from the ideal by |c − 1|
         self.merged = MergedBase(setup.layers, setup.dtype)
 
     def plan(self, client: int, round: int) -> ClientPlan:

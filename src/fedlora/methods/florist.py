@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fedlora.methods.base import ClientUpdate, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.flora import FLoRA, stacked
 from fedlora.methods.folding import Sum
 from fedlora.methods.merged_base import MergedBase
@@ -42,9 +43,11 @@ def energy_rank(sv: torch.Tensor, energy: float) -> int:
     return min(sv.numel(), int((cum < energy * total).sum()) + 1)
 
 
+@register
 class FLoRIST(FLoRA):
     name = "florist"
     summary = "FLoRA's stack truncated by SVD to the rank holding a fraction τ of its energy; one rank-p pair downloaded."
+    exact = False  # the threshold τ < 1 drops energy (τ = 1 is FLoRA's merge, exact)
 
     options = {
         "weights": WEIGHTS,

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.folding import FoldsB
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank
@@ -24,11 +25,14 @@ from fedlora.ops.lowrank import LowRank
 B_KEY = "W_delta:"  # + layer name: the global B̄ = W_g − W_0 (d_out × d_in)
 
 
+@register
 class FullFedAvg(FoldsB):
     name = "full"
     summary = "Reference: FedAvg of the adapted layers' full weights (d_out·d_in per layer each way); exact."
     options: dict = {}
     state_keys = ("B",)
+    exact = True  # FedAvg of the weights themselves
+    sums_only = True  # Σ w_k B_k (B = W − W_0); the clients' ranks and scales are not used (A = I, scale 1)
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

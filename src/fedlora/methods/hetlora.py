@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Regularizer, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
 from fedlora.ops.lowrank import LowRank, frob_norm_gram, kaiming_A, padded_sum, seeded_generator, truncate
@@ -73,6 +74,7 @@ def _float64(factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, to
     return {n: (f.B.double(), f.A.double()) for n, f in factors.items()}
 
 
+@register
 class HetLoRA(Method):
     name = "hetlora"
     summary = "Truncate a global rank-R LoRA to r_k, tail-regularise and self-prune, zero-pad and norm-weight the average."
@@ -85,6 +87,8 @@ class HetLoRA(Method):
     }
 
     state_keys = ("glob", "rank", "layer_ranks", "last_weights")
+    exact = False  # the product of the padded means holds cross-client terms
+    sums_only = False  # w_k ∝ ‖s_k B_k A_k‖_F and the pruned ranks are read from each client's own upload
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -10,15 +10,19 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
+from fedlora.methods.registry import register
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 
 
+@register
 class LocalOnly(Method):
     name = "local"
     summary = "Reference: each client trains its own rank-r_k LoRA on its own data; no communication."
     options: dict = {}
     state_keys = ("factors",)
+    exact = False  # no global model to be exact about (agg_noise undefined)
+    sums_only = False  # each client's own upload is its model
     personal = True  # evaluated per client with client_delta(k)
     communicates = False
 

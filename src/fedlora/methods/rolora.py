@@ -16,6 +16,7 @@ from __future__ import annotations
 
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.folding import Folds, Sum, add_weighted
 from fedlora.methods.options import WEIGHTS
@@ -27,12 +28,17 @@ def trains_B(round: int) -> bool:
     return round % 2 == 1
 
 
+@register
 class RoLoRA(Folds):
     name = "rolora"
     summary = "Alternate: odd rounds train and average B (A shared), even rounds A (B shared); exact averages."
 
     options = {"weights": WEIGHTS}
     state_keys = ("factors",)
+    ranks = "one"
+    scales = "one"
+    exact = True  # the factor that did not train is shared: the average of the trained one is exact
+    sums_only = True  # Σ w_k B_k (B rounds) or Σ w_k A_k (A rounds)
 
     def __init__(self, setup: Setup) -> None:
         start_one_rank(self, setup)

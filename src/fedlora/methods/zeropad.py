@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
+from fedlora.methods.registry import register
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import read_options, WEIGHTS
 from fedlora.ops.lowrank import LowRank, smallest_form
 
 
+@register
 class ZeroPad(Folds):
     name = "zeropad"
     summary = "Zero-pad every client's factors to the largest rank, average A and B separately, merge B̄Ā; fresh adapters each round."
@@ -35,6 +37,9 @@ class ZeroPad(Folds):
     }
 
     state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
+    exact = False  # the product of the padded means holds cross-client terms
+    merges = True
+    sums_only = False  # sums of padded factors: sums-only once clients upload them padded to R (the uploads differ in shape now)
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -82,9 +82,12 @@ class Study:
     def cells(self) -> list[Cell]:
         """Every combination of factor labels × seeds, less the excluded, in the file's order (seed last).
 
-        A method that needs one rank for every client (fedit, ffa, …) runs at ``one_rank``: by default the
+        A method that declares one rank for every client (``ranks = "one"``: fedit, ffa, …) runs at ``one_rank``: by default the
         smallest client rank, which every client can afford.
         """
+        from fedlora.methods import MethodError
+        from fedlora.methods.registry import needs_one_rank
+
         names = list(self.factors)
         out = []
         for combo in itertools.product(*(self.factors[n].items() for n in names)):
@@ -96,7 +99,11 @@ class Study:
                 cfg = load_config(self.config, [*self.overrides, *overrides])
             except ConfigError as e:
                 raise ConfigError(f"study {self.path.name}: cell {'-'.join(labels.values())}: {e}") from None
-            if _needs_one_rank(cfg):
+            try:
+                one_rank = needs_one_rank(cfg.federation.method, cfg.client_ranks())  # declared by the method: nothing is built
+            except MethodError:
+                one_rank = False  # an unknown method: load_study's preflight names it, cell by cell
+            if one_rank:
                 overrides = (*overrides, f"lora.rank={self.one_rank or min(cfg.client_ranks())}")
             out += [Cell(labels, s, (*overrides, f"seed={s}")) for s in self.seeds]
         return out
@@ -106,20 +113,6 @@ class Study:
 
     def cell_config(self, cell: Cell) -> Config:
         return load_config(self.config, [*self.overrides, *cell.overrides])
-
-
-def _needs_one_rank(cfg: Config) -> bool:
-    """Whether the method refuses these heterogeneous ranks (it needs one rank for all clients)."""
-    from fedlora.app.preflight import preflight
-    from fedlora.methods import MethodError
-
-    if len(set(cfg.client_ranks())) == 1:
-        return False
-    try:
-        preflight(cfg)
-    except MethodError:
-        return True
-    return False
 
 
 def _err(path: Path, key: str, value: Any, accepted: str) -> ConfigError:
