@@ -184,7 +184,7 @@ def _launcher_argv(args: argparse.Namespace) -> list[str]:
     """The flags `deploy` and `simulate` share, as fedlora.flower.launch takes them."""
     argv = ["--config", args.config] if args.config else []
     for flag in ("output", "workdir", "resume"):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:  # --resume "" is refused by the launcher, never taken for a new run
             argv += [f"--{flag}", getattr(args, flag)]
     return argv
 
@@ -358,6 +358,10 @@ def _end_with_parent() -> None:
         import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if ledger := os.environ.pop("FEDLORA_LEDGER", None):
+            from fedlora.study.ledger import record_when_terminated
+
+            record_when_terminated(ledger, os.environ.pop("FEDLORA_CELL", "?"))
         if os.getppid() != int(parent):  # the study died before this line
             sys.exit(143)
 

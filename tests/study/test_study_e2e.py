@@ -87,6 +87,9 @@ def test_a_killed_study_resumes_cell_by_cell_and_its_statistics_are_the_hand_com
     while processes_in(out) and time.time() < deadline:
         time.sleep(0.2)
     assert not processes_in(out)
+    ended = [json.loads(x) for x in (out / "cpu.jsonl").read_text().splitlines()]
+    for name in partial:  # a cell that ended with the study wrote its own CPU seconds: resumed cells count every process
+        assert any(x["cell"] == name and x.get("ended_with_the_study") and x["cpu_s"] > 0 and x["exit"] == -15 for x in ended), ended
 
     again = fedlora("study", str(study), "--jobs", "2", "--threads", "1")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -27,10 +27,11 @@ from typing import Any
 
 from fedlora.config import ConfigError, load_config
 from fedlora.app.run_dir import _flat, finished
+from fedlora.study.ledger import NAME, append, load_average
 from fedlora.study.spec import Cell, Study
 
 log = logging.getLogger(__name__)
-LEDGER = "cpu.jsonl"  # one line per process a cell ran: cell, cpu_s, wall_s, exit code
+LEDGER = NAME  # one line per process a cell ran: cell, cpu_s, wall_s, exit code
 
 
 @dataclass(frozen=True)
@@ -116,20 +117,13 @@ def _cuda_devices() -> int:
 def run_cell(study: Study, cell: Cell, out: Path, slot: Slot) -> dict[str, Any]:
     """Run (or resume) one cell in this machine's slot; its line of the CPU ledger."""
     folder = cell_dir(out, cell)
-    rc, cpu_s, wall_s = run_process(argv(study, cell, out), environment(slot), out / "logs" / f"{cell.name}.log")
-    line = {"cell": cell.name, "exit": rc, "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "threads": slot.threads, "load": _load()}
-    with (out / LEDGER).open("a") as f:
-        f.write(json.dumps(line) + "\n")
+    env = {**environment(slot), "FEDLORA_LEDGER": str((out / LEDGER).resolve()), "FEDLORA_CELL": cell.name}
+    rc, cpu_s, wall_s = run_process(argv(study, cell, out), env, out / "logs" / f"{cell.name}.log")
+    line = {"cell": cell.name, "exit": rc, "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "threads": slot.threads, "load": load_average()}
+    append(out / LEDGER, line)
     if rc == 0 and (folder / "checkpoints").is_dir():
         shutil.rmtree(folder / "checkpoints")  # only a resume needs them; the record is config, metrics and summary
     return line
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def selected(study: Study, only: str | None) -> list[Cell]:
@@ -190,14 +184,15 @@ def _run_on_ray(study: Study, out: Path, todo: list[Cell], address: str, cpus: i
         return run_process(args, env, Path(log_path), cwd)
 
     here = os.getcwd()  # the study's paths as given, from the folder the study started in (on storage every node sees)
-    futures = {c.name: remote.remote(argv(study, c, out), environment(Slot(cpus)), str((out / "logs" / f"{c.name}.log").resolve()), here)
+    ledger = str((out / LEDGER).resolve())
+    futures = {c.name: remote.remote(argv(study, c, out), {**environment(Slot(cpus)), "FEDLORA_LEDGER": ledger, "FEDLORA_CELL": c.name},
+                                     str((out / "logs" / f"{c.name}.log").resolve()), here)
                for c in todo}
     lines = []
     for name, fut in futures.items():
         rc, cpu_s, wall_s = ray.get(fut)
         line = {"cell": name, "exit": rc, "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1), "threads": cpus, "load": None, "ray": address}
-        with (out / LEDGER).open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        append(out / LEDGER, line)
         log.info("  %s: %s after %.0f s", name, "done" if rc == 0 else f"FAILED (exit {rc})", wall_s)
         lines.append(line)
     ray.shutdown()
