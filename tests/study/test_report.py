@@ -69,9 +69,9 @@ def test_cells_table_is_mean_and_t_interval_over_seeds(tmp_path):
     assert rows[("flora", "steps1")]["ranks"] == "4…1" and rows[("fedit", "steps1")]["ranks"] == "1"
     assert rows[("flora", "steps1")]["MB / round"] == "8.0000 ± 0.0000"
     # target 2.6: reached at round 20 (MB 20 × 8) where the final loss is below it, never where it is not (fedit seed 1: 2.66)
-    assert rows[("flora", "steps1")]["rounds to 2.6"] == "20.00 ± 0.00 (2 reached)"
-    assert rows[("fedit", "steps1")]["rounds to 2.6"] == "20.00 (1 reached)"
-    assert rows[("fedit", "steps2")]["MB to 2.6"] == "40.00 ± 0.00 (2 reached)"
+    assert rows[("flora", "steps1")]["rounds to loss ≤ 2.6"] == "20.00 ± 0.00 (2 reached)"
+    assert rows[("fedit", "steps1")]["rounds to loss ≤ 2.6"] == "20.00 (1 reached)"
+    assert rows[("fedit", "steps2")]["MB to loss ≤ 2.6"] == "40.00 ± 0.00 (2 reached)"
     assert rows[("flora", "steps2")]["CPU h"] == f"{2 * 360 / 3600:.2f}"
 
 

@@ -90,9 +90,11 @@ def cell_rows(study: Study, runs: list[Run], out: Path) -> list[dict[str, Any]]:
         if target is not None:
             reached = [first_reaching([(rd, v) for rd, _, v in r.curve(metric)], target, metric == "loss") for r in mine]
             mbs = [first_reaching([(mb, v) for _, mb, v in r.curve(metric)], target, metric == "loss") for r in mine]
-            row[f"rounds to {target:g}"] = (mean_ci(reached), sum(x is not None for x in reached))
-            row[f"MB to {target:g}"] = (mean_ci(mbs), sum(x is not None for x in mbs))
-        row["CPU h"] = sum(hours.get(r.cell.name, 0.0) for r in mine)
+            goal = f"{metric} {'≤' if metric == 'loss' else '≥'} {target:g}"
+            row[f"rounds to {goal}"] = (mean_ci(reached), sum(x is not None for x in reached))
+            row[f"MB to {goal}"] = (mean_ci(mbs), sum(x is not None for x in mbs))
+        spent = [hours.get(r.cell.name, (0.0, False)) for r in mine]
+        row["CPU h"] = ("" if all(known for _, known in spent) else "≥ ") + f"{sum(h for h, _ in spent):.2f}"
         rows.append(row)
     return rows
 
@@ -245,26 +247,28 @@ def write_report(study: Study, out: Path) -> list[Path]:
     cell_table = [cells_csv_values(r) for r in rows]
     comparisons = paired_rows(study, runs)
     paired_table = [_paired_cells(p, metric) for p in comparisons]
-    hours = sum(cpu_hours(out).values())
+    spent = cpu_hours(out)
+    hours = sum(h for h, _ in spent.values())
+    lower = "at least " if not all(known for _, known in spent.values()) else ""
     caption = (f"{study.title or study.name}: mean ± 95 % CI over seeds; final global test {metric}; "
-               f"{len(runs)} runs, {hours:.1f} CPU h")
+               f"{len(runs)} runs, {lower}{hours:.1f} CPU h")
     paths = write_table(out, "cells", header, cell_table, caption)
     if paired_table:
         paths += write_table(out, "paired", PAIRED_HEADER, paired_table,
                              f"{study.title or study.name}: paired by seed, Δ = method − reference of the final global test {metric}; paired t-test, Holm-adjusted over this table")
     paths += plot_curves(study, runs, out)
-    paths.append(_summary(study, out, rows, header, cell_table, comparisons, paired_table, missing, hours, machine_line()))
+    paths.append(_summary(study, out, rows, header, cell_table, comparisons, paired_table, missing, f"{lower}{hours:.1f}", machine_line()))
     return paths
 
 
 def _summary(study: Study, out: Path, rows: list[dict[str, Any]], header: list[str], cell_table: list[list[str]], comparisons: list[Paired],
-             paired_table: list[list[str]], missing: int, hours: float, machine: str) -> Path:
+             paired_table: list[list[str]], missing: int, hours: str, machine: str) -> Path:
     metric = study.metric
     significant = [p for p in comparisons if p.p_holm is not None and p.p_holm < ALPHA]
     rest = [p for p in comparisons if p not in significant]
     lines = [f"# {study.title or study.name}", "",
              f"`fedlora study {study.path.name}` · seeds {list(study.seeds)} · {len(cell_table)} settings · "
-             f"{missing} cells not finished · {hours:.1f} CPU hours (the processes' own CPU time, resumes included) · {machine}", "",
+             f"{missing} cells not finished · {hours} CPU hours (the processes' own CPU time, resumes included; ≥: a process not measured) · {machine}", "",
              f"## Final global test {metric}, mean ± 95 % CI over seeds", "", markdown(header, cell_table)]
     if paired_table:
         lines += ["## Paired differences (same seed: same partition, clients and held-out examples)", "",

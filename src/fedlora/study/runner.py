@@ -199,13 +199,15 @@ def _run_on_ray(study: Study, out: Path, todo: list[Cell], address: str, cpus: i
     return lines
 
 
-def cpu_hours(out: Path) -> dict[str, float]:
-    """CPU hours per cell from the ledger, every process it took (resumes included)."""
-    hours: dict[str, float] = {}
+def cpu_hours(out: Path) -> dict[str, tuple[float, bool]]:
+    """Per cell: CPU hours from the ledger, every process it took (resumes included), and whether all are known
+    (a line with ``cpu_s: null`` records a process whose CPU time was not measured: the hours are then a lower bound)."""
+    hours: dict[str, tuple[float, bool]] = {}
     ledger = out / LEDGER
     for line in ledger.read_text().splitlines() if ledger.is_file() else []:
         rec = json.loads(line)
-        hours[rec["cell"]] = hours.get(rec["cell"], 0.0) + rec["cpu_s"] / 3600
+        h, known = hours.get(rec["cell"], (0.0, True))
+        hours[rec["cell"]] = (h + (rec["cpu_s"] or 0.0) / 3600, known and rec["cpu_s"] is not None)
     return hours
 
 
