@@ -127,3 +127,21 @@ def test_trackers_start_only_once_a_resume_is_verified_and_replay_the_kept_round
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("global/loss")] == [0, 1, 2, 3]  # rounds 0-2 kept and replayed, round 3 new
+
+
+def test_a_tracker_path_in_the_way_is_one_line_before_any_round_is_retrained(tmp_path, capfd):
+    import shutil
+
+    model = save_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model}", f"output.dir={run}", "train.local_steps=1",
+                 "data.max_examples=30", "eval.max_examples=4", "output.save_final=false"]) == 0
+    shutil.rmtree(run / "checkpoints" / "round-0002")  # as if killed before round 2's checkpoint: a resume redoes round 2
+    (run / "summary.json").unlink()
+    (run / "tensorboard").write_text("a file where TensorBoard's folder goes")
+    before = (run / "metrics.jsonl").read_bytes()
+    capfd.readouterr()
+    assert main(["run", "--resume", str(run), "output.trackers=[tensorboard]"]) == 2
+    (line,) = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error:")]
+    assert f"output.trackers: 'tensorboard' writes to {run / 'tensorboard'}, which is a file" in line
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing was retrained or cut back

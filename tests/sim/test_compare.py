@@ -262,3 +262,21 @@ def test_methods_from_outside_are_accepted_by_path(outside) -> None:
     assert parse_methods(f"flora,{outside}:OneRank,flora") == ["flora", f"{outside}:OneRank"]
     with pytest.raises(ConfigError, match=r"^--methods: unknown value 'nosuch_pkg:X' \(accepted: comma-separated names from flora, .*, or package\.module:Class\)$"):
         parse_methods("flora,nosuch_pkg:X")
+
+
+def test_round_0_is_evaluated_once_per_seed_and_equals_a_runs_own(config: Path, tmp_path: Path, monkeypatch) -> None:
+    from fedlora.federation.server import Server
+
+    calls = []
+    real = Server.round_zero
+    monkeypatch.setattr(Server, "round_zero", lambda self: calls.append(self.exp.cfg.federation.method) or real(self))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(config), "--methods", "flora,fedit,zeropad", "--seeds", "1", "--output", str(out)]) == 0
+    assert calls == ["flora"]  # the untrained model once, not once per method
+    alone = tmp_path / "alone"
+    assert main(["run", str(config), "federation.method=zeropad", f"output.dir={alone}", "data.global_test_seed=0"]) == 0
+    first = lambda folder: json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
+    for method in ("fedit", "zeropad"):
+        shared = first(out / "runs" / f"{method}-seed0")
+        assert shared["method"] == method and shared["eval"] == first(out / "runs" / "flora-seed0")["eval"]
+    assert first(out / "runs" / "zeropad-seed0")["eval"] == first(alone)["eval"]  # what zeropad's own evaluation gives

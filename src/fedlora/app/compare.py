@@ -251,10 +251,11 @@ def compare(plan: Plan, out: Path, hooks: Hooks | None = None) -> list[dict[str,
         run = [s for s in here if s.state != "reuse"]
         exp = _prepare(plan, seed) if run else None
         head0 = exp.host.initial_head() if exp else {}
+        zero: dict[str, Any] | None = None  # round 0 of this seed: the same untrained model for every method with a global one
         for slot in here:
             if slot.state != "reuse":
                 assert exp is not None
-                _run_one(exp, head0, slot, hooks)
+                zero = _run_one(exp, head0, slot, hooks, zero)
             records.append(_record(slot.folder, slot.method, slot.seed))
     return records
 
@@ -271,8 +272,13 @@ def _prepare(plan: Plan, seed: int) -> Experiment:
     return prepare(cfg)
 
 
-def _run_one(exp: Experiment, head0: dict, slot: Slot, hooks: Hooks | None) -> None:
-    """One method on the seed's prepared experiment: same split, same model, fresh method and head."""
+def _run_one(exp: Experiment, head0: dict, slot: Slot, hooks: Hooks | None, zero: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """One method on the seed's prepared experiment: same split, same model, fresh method and head.
+
+    Every fresh adapter starts at ΔW = 0 (B = 0) from the same head, so round 0's evaluation is the
+    same for every method with a global model: it is taken once per seed (``zero``) and recorded
+    under each such method, not evaluated again. Returns the round 0 to share.
+    """
     _, shapes = check_model(exp.cfg)
     cfg, folder, one_rank = slot.cfg, slot.folder, slot.one_rank
     obj = build_method(slot.method, _setup(cfg, shapes))
@@ -293,7 +299,14 @@ def _run_one(exp: Experiment, head0: dict, slot: Slot, hooks: Hooks | None) -> N
     log.info("compare: %s, seed %d%s → %s", slot.method, slot.seed, f" (one rank {cfg.client_ranks()[0]})" if one_rank else "", folder)
     t0 = time.perf_counter()
     sim = Simulation(dataclasses.replace(exp, cfg=cfg, method=obj), hooks or Hooks())
-    sim.run(run.record)
+    shares = obj.kind == "global" and not obj.keeps
+    if shares and zero is not None:
+        run.record({**zero, "method": slot.method})
+        sim.run(run.record, done=[zero])
+    else:
+        sim.run(run.record)
+        if shares:
+            zero = run.read_metrics()[0]
     if cfg.output.save_final:  # a compared run is a usable run: export and eval read its final/
         save_final(sim.server, folder / "final")
     summary = summarize(run.read_metrics(), time.perf_counter() - t0)
@@ -301,6 +314,7 @@ def _run_one(exp: Experiment, head0: dict, slot: Slot, hooks: Hooks | None) -> N
     summary["ranks"] = cfg.client_ranks()
     summary[DIGEST] = slot.digest
     run.write_summary(summary)
+    return zero
 
 
 def _record(folder: Path, method: str, seed: int) -> dict[str, Any]:

@@ -45,7 +45,10 @@ def lock(path: Path) -> Any:
     """Hold ``path/.lock`` for this process (released when it exits, also when it is killed); one line if another holds it."""
     import fcntl
 
-    handle = open(path / ".lock", "a")  # noqa: SIM115 - held for the life of the process
+    try:
+        handle = open(path / ".lock", "a")  # noqa: SIM115 - held for the life of the process
+    except OSError as e:  # a read-only file system, no permission
+        raise ConfigError(f"output.dir: cannot write {path / '.lock'} ({e.strerror or type(e).__name__}) (accepted: a folder you can write to)") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

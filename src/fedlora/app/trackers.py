@@ -123,6 +123,7 @@ class WandB:
 
 
 KINDS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+PATHS = {"tensorboard": ("tensorboard", True), "mlflow": ("mlflow.db", False), "wandb": ("wandb", True)}  # what each writes in the run folder
 
 
 class Trackers:
@@ -135,6 +136,12 @@ class Trackers:
 
     def __init__(self, names: list[str], run: Path, cfg: Config) -> None:
         check_installed(names)
+        for name in names:  # a path in the way is found now, not after a round was trained
+            where, folder = PATHS[name]
+            path = run / where
+            if path.exists() and path.is_dir() != folder:
+                raise ConfigError(f"output.trackers: {name!r} writes to {path}, which is a {'file' if folder else 'folder'} "
+                                  f"(accepted: a run folder where {where} is free or a {'folder' if folder else 'file'})")
         self.names, self.run, self.cfg = list(names), run, cfg
         self.open: list[Tracker] | None = None
 
