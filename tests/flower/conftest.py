@@ -78,6 +78,17 @@ def rel_err_layers(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> fl
     return (num / den) ** 0.5
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The kill sweep runs only when ``-m`` names it: pyproject's ``addopts = "-m 'not sweep'"`` keeps it out of
+    ``make test``, but any ``-m`` on the command line replaces that one (``-m slow``, ``-m "not slow"``)."""
+    if "sweep" in (config.getoption("markexpr", "") or ""):
+        return
+    swept = [item for item in items if item.get_closest_marker("sweep") is not None]
+    if swept:
+        config.hook.pytest_deselected(items=swept)
+        items[:] = [item for item in items if item.get_closest_marker("sweep") is None]
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """Convert the embedded SmolLM2 once before any node process races to do it."""

@@ -351,3 +351,55 @@ def test_deploy_each_launch_has_its_own_flower_homes(tmp_path):
     a.stop()
     b.stop()
     assert not (tmp_path / "homes").exists()
+
+
+LEADER = """
+import os, subprocess, sys, time
+plain = {"PATH": os.environ["PATH"]}  # no FEDLORA_LAUNCH: as Ray's agents, whose process title overwrites their environment
+child = subprocess.Popen(["sleep", "300"], env=plain)  # a child of this process, in its session
+middle = subprocess.Popen([sys.executable, "-c", "import subprocess; print(subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL).pid)"],
+                          env=plain, stdout=subprocess.PIPE, text=True)  # starts an orphan in this session, then exits
+orphan = int(middle.communicate()[0])
+open(sys.argv[1], "a").write(f"{child.pid}\\n{orphan}\\n")
+time.sleep(300)
+"""
+
+LAUNCHER_OF_LEADER = """
+import sys, time
+from fedlora.flower.launch import LocalFederation
+fed = LocalFederation(sys.argv[1], 1)
+(fed.homes / 'superlink').mkdir(parents=True)
+fed._spawn('superlink', [sys.executable, '-c', sys.argv[3], sys.argv[2]], fed.homes / 'superlink')
+print(fed.launch, flush=True)
+time.sleep(300)
+"""
+
+
+def test_deploy_processes_that_lost_the_launch_id_die_with_the_launcher_too(tmp_path):
+    """Ray's agents write their process title over their environment, so /proc shows no launch id for them, and
+    they are orphans once the raylet is gone. The watchdog learns the sessions the launch's processes lead while the
+    launch runs, and kills their members and the descendants of the launch's processes, tagged or not."""
+    from fedlora.flower.processes import LOOK_EVERY, launch_processes
+
+    pidfile = tmp_path / "pids"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER_OF_LEADER, str(tmp_path / "work"), str(pidfile), LEADER],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        launch = launcher.stdout.readline().strip()
+        child, orphan = _pids(pidfile, 2)
+        assert _alive(child) and _alive(orphan)
+        tagged = launch_processes(launch)  # the leader, and its child as a descendant; the orphan only through its session
+        assert child in tagged and orphan not in tagged and orphan in launch_processes(launch, sessions=set())
+        time.sleep(LOOK_EVERY + 1.5)  # the watchdog has looked at the running launch at least once
+        launcher.kill()  # SIGKILL: the leader dies of its parent-death signal, leaving both as orphans in its session
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while (_alive(child) or _alive(orphan)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child) and not _alive(orphan), "processes of the launch without its id outlived the launcher"
+    finally:
+        if launcher.poll() is None:
+            _stop_group(launcher)
+        for pid in _pids(pidfile, 0) if pidfile.exists() else []:
+            if _alive(pid):
+                os.kill(pid, 9)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -103,8 +104,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         from fedlora.integrity import seal
         from fedlora.model.export import save_adapter
 
-        save_adapter(rt.trainer.host, own_model(rt.method, sent, kept), rt.cfg.lora.target_modules, folder / "final", str(rt.model_dir))
-        seal(folder / "final")
+        from fedlora.flower.state import write_folder
+
+        def write(final: Path) -> None:
+            save_adapter(rt.trainer.host, own_model(rt.method, sent, kept), rt.cfg.lora.target_modules, final, str(rt.model_dir))
+            seal(final)
+
+        write_folder(folder / "final", write)  # never a half-written final/, whenever the ClientApp is killed
     metrics = MetricRecord({f"{split}/{key}": float(v) for split, s in scores.items() for key, v in s.items()})
     return Message(RecordDict({"eval": metrics, NODE: ConfigRecord({"partition-id": node.partition})}), reply_to=msg)
 

@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from fedlora.flower import APP_DIR
 from fedlora.flower.processes import (LAUNCH_ENV, FlowerRunError, Watchdog, _bin, _exited, _stop_group, _tail, _wait_port, busy,
-                                      free_port, hold, last_error, with_parent_death)
+                                      free_port, hold, how_ended, last_error, with_parent_death)
 from fedlora.flower.settings import ENV, STATE_ENV, THREADS_ENV
 
 CONNECTION = "fedlora-local"
@@ -65,13 +65,13 @@ class RunHandle:
     def running(self) -> bool:
         return not _exited(self.proc, 0)
 
-    def wait(self, timeout: float = 1800, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Wait for the run; the summary.json its ServerApp wrote, or FlowerRunError (one line naming the logs, then their tails).
 
         ``flwr run`` exits 0 even when the ServerApp fails (it refused the folder, say), so only a summary.json written
         after the submit, unlike the one the folder held before, is this run's. ``on_round``: each new metrics line."""
         name = next(n for n, p in self.federation.procs.items() if p is self.proc)
-        deadline, pos = time.monotonic() + timeout, (0, -1)
+        deadline, pos = time.monotonic() + (timeout if timeout is not None else float("inf")), (0, -1)  # a real run may take days
         while not (done := _exited(self.proc, min(2.0, max(0.0, deadline - time.monotonic())))) and time.monotonic() < deadline:
             pos = self._new_rounds(pos, on_round)
         self._new_rounds(pos, on_round)
@@ -83,7 +83,8 @@ class RunHandle:
         mark = summary_mark(summary)
         if mark is None or mark == self.summary_before or mark[1] < (self.started - 2) * 1e9:
             server = server_log.read_bytes()[self.server_log_from:].decode(errors="replace") if server_log.exists() else ""
-            cause = last_error(_tail(self.log, 20000)) or last_error(server[-20000:])
+            dead = getattr(self.federation, "casualties", lambda: [])()  # the SuperLink or a SuperNode that died: the cause to name
+            cause = "; ".join(dead) or last_error(_tail(self.log, 20000)) or last_error(server[-20000:])
             what = "wrote no summary.json" if mark is None else f"left the summary.json of an earlier run in {self.output_dir} as it was"
             raise FlowerRunError(f"flwr run exited {self.proc.returncode} and the ServerApp {what}"
                                  f"{f' ({cause})' if cause else ''}; see {self.log} and {server_log}",
@@ -242,6 +243,16 @@ class LocalFederation:
             _wait_port(port, proc, timeout, self.logs / f"{name}.log", f"flower-supernode {name}")
         return proc
 
+    def casualties(self) -> list[str]:
+        """The SuperLink and SuperNodes of this federation that ended on their own, or were killed by someone else
+        (``kill_node`` and ``stop`` take theirs out of ``procs`` first): ``the SuperLink was killed by SIGKILL``."""
+        out = []
+        for name, proc in self.procs.items():
+            if not name.startswith("run-") and (how := how_ended(proc)) is not None:
+                who = "the SuperLink" if name == "superlink" else f"SuperNode {name.removeprefix('node-')}" if name.startswith("node-") else name
+                out.append(f"{who} {how} (its log: {self.logs / f'{name}.log'})")
+        return out
+
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Stop SuperNode i and every process it started (its ClientApp included), like a crash."""
         _stop_group(self.procs.pop(f"node-{i}"), sig)
@@ -324,7 +335,7 @@ class LocalFederation:
         self.procs[f"run-{self._runs}"] = proc
         return RunHandle(proc, output_dir, log, self, stale, before, started, self._server_log_from)
 
-    def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float = 1800,
+    def run(self, config: str | Path, output_dir: Path, overrides: list[str] | None = None, timeout: float | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, **run_config: Any) -> dict[str, Any]:
         return self.submit(config, output_dir, overrides, **run_config).wait(timeout, on_round)
 
@@ -412,16 +423,62 @@ def _stop_on_signals() -> Callable[[], None]:
     return restore
 
 
-def _tidy(output: Path, created: bool) -> None:
-    """A new run that recorded nothing leaves nothing behind: its ServerApp's ``.lock`` goes (it would make the folder
-    look used), and the folder too when this launch created it. Never touches a folder with anything else in it."""
+def _user_path(value: str | Path) -> Path | None:
+    """``~``, ``~user`` expanded, made absolute; None for ``~name`` of no user here."""
+    try:
+        return Path(value).expanduser().resolve()
+    except RuntimeError:  # "Could not determine home directory"
+        return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long: no such file either
+        return False
+
+
+def _new_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    out = []
+    while path != path.parent:
+        try:
+            if path.exists():
+                break
+        except OSError:  # a name too long: mkdir says why in a moment
+            pass
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _tidy(output: Path, created: list[Path]) -> None:
+    """A new run that recorded nothing leaves nothing behind: the ServerApp's ``.lock`` goes (it would make the folder
+    look used), and the folders this launch created (the run folder and the parents ``--output`` needed). Never
+    touches a folder with anything else in it."""
     try:
         if {p.name for p in output.iterdir()} <= {".lock"} and not busy(output / ".lock"):
             (output / ".lock").unlink(missing_ok=True)
-            if created:
-                output.rmdir()
+            _remove_empty(created)
     except OSError:
         pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag or value is one line, as every other refusal of the launcher (not argparse's usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(f"{message} (accepted: {self.prog} --help lists the flags)")
+        raise SystemExit(2)
 
 
 def _error(message: str) -> int:
@@ -435,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.config import ConfigError, build_config, load_config, packaged_config
     from fedlora.methods import MethodError
 
-    p = argparse.ArgumentParser(prog="python -m fedlora.flower.launch", description="Run a fedlora config on a local Flower deployment (SuperLink + N SuperNodes on 127.0.0.1).")
+    p = _Parser(prog="python -m fedlora.flower.launch", description="Run a fedlora config on a local Flower deployment (SuperLink + N SuperNodes on 127.0.0.1).")
     p.add_argument("--config", default=None, help="YAML config (default: the packaged default.yaml)")
     p.add_argument("--nodes", type=int, default=None, help="SuperNodes, one per partition (default: federation.num_clients)")
     p.add_argument("--tls", action="store_true", help="TLS with a generated CA and server certificate")
@@ -447,39 +504,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads-per-node", type=int, default=None, help="torch threads per SuperNode (default: cpu_count // nodes)")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the ServerApp's evaluation (default: torch's choice)")
     p.add_argument("--simulation", action="store_true", help="Flower's simulation runtime: the clients as virtual nodes in Ray actors, no SuperNodes")
-    p.add_argument("--client-cpus", type=float, default=1.0, help="--simulation: CPUs (and torch threads) per client, a whole number; Ray runs as many at once as fit (default 1)")
+    p.add_argument("--client-cpus", type=float, default=None, help="--simulation: CPUs (and torch threads) per client, a whole number; Ray runs as many at once as fit (default 1)")
     p.add_argument("--client-gpus", type=float, default=None, help="--simulation: GPUs per client, 0.5 = two share one (default: 1 with CUDA, else 0)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. federation.rounds=5")
     args = p.parse_args(argv)
-    if args.resume:
-        resumed = Path(args.resume).resolve()
-        if not (resumed / "config.yaml").is_file():
+    if args.resume is not None:  # --resume "" is the current folder, not "no resume": never a new run by mistake
+        if (resumed := _user_path(args.resume)) is None:
+            return _error(f"--resume: {args.resume}: no such user's home folder (accepted: the folder of an earlier fedlora run)")
+        if not _is_file(resumed / "config.yaml"):
             return _error(f"--resume: {resumed} holds no config.yaml (accepted: the folder of an earlier fedlora run)")
-        args.config, args.output = str(resumed / "config.yaml"), str(resumed)
+        args.config, args.output, args.resume = str(resumed / "config.yaml"), str(resumed), str(resumed)
     config = Path(args.config).resolve() if args.config else packaged_config("default")
     try:
         cfg = resume_config(Path(args.output), None, args.overrides) if args.resume else load_config(config, args.overrides)  # resume: output.* only
         preflight(cfg)
     except (ConfigError, MethodError) as e:
         return _error(str(e))
+    except OSError as e:  # a config path the system refuses to look at (a name too long)
+        return _error(f"config: cannot read {config} ({e.strerror or type(e).__name__}) (accepted: a YAML file, or no --config for the default)")
     if args.resume:
         from fedlora.app.run_dir import finished
 
         if finished(Path(args.output), cfg.federation.rounds):
             print(f"{args.output} is finished (round {cfg.federation.rounds} of {cfg.federation.rounds}): nothing to resume, nothing changed", flush=True)
             return 0
-    nodes = args.nodes or cfg.federation.num_clients
+    nodes = cfg.federation.num_clients if args.nodes is None else args.nodes  # --nodes 0 is a value, not the default
     if nodes != cfg.federation.num_clients:
         return _error(f"--nodes {nodes}: the config has federation.num_clients={cfg.federation.num_clients} (accepted: one SuperNode per partition)")
     for flag in ("threads_per_node", "server_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _error(f"--{flag.replace('_', '-')}: {getattr(args, flag)} (accepted: a positive whole number of torch threads)")
     simulation = None
+    if not args.simulation and (args.client_cpus is not None or args.client_gpus is not None):
+        flags = " and ".join(f for f, v in (("--client-cpus", args.client_cpus), ("--client-gpus", args.client_gpus)) if v is not None)
+        return _error(f"{flags}: Ray's share per client, only with --simulation (accepted: --simulation, or --threads-per-node for SuperNodes)")
     if args.simulation:
         if args.tls or args.auth or args.node_rank:
             return _error("--simulation has no SuperNodes: --tls, --auth and --node-rank do not apply (accepted: fedlora deploy for them)")
         try:
-            simulation = simulation_resources(args.client_cpus, args.client_gpus)
+            simulation = simulation_resources(1.0 if args.client_cpus is None else args.client_cpus, args.client_gpus)
         except ValueError as e:
             return _error(str(e))
     try:
@@ -492,15 +555,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _error(str(e))
     default = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}-{'ray' if simulation else 'flower'}"
-    output = Path(args.output or cfg.output.dir or default).expanduser().resolve()
-    workdir = Path(args.workdir).expanduser().resolve() if args.workdir else output.parent / f".{output.name}.flower"  # node state outlives the launcher
+    if (output := _user_path(args.output or cfg.output.dir or default)) is None:
+        return _error(f"output.dir: {args.output or cfg.output.dir}: no such user's home folder (accepted: a folder path you can write to)")
+    workdir = _user_path(args.workdir) if args.workdir else output.parent / f".{output.name}.flower"  # node state outlives the launcher
+    if workdir is None:
+        return _error(f"--workdir: {args.workdir}: no such user's home folder (accepted: a folder path you can write to)")
     command = f"fedlora {'simulate' if simulation else 'deploy'}"
 
     # one launcher per run folder and per workdir: the locks come first, before anything is written or started
-    created = not output.exists()
+    created = _new_folders(output)  # what mkdir makes here, and a refusal or an empty run takes away again
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # under a file, an existing file, a read-only or virtual file system
+        _remove_empty(created)  # parents made before the leaf failed
         return _error(f"output.dir: cannot create {output} ({e.strerror or type(e).__name__}) (accepted: a folder path you can write to)")
     held = [hold(output)]
     if held[0] is None:
@@ -515,14 +582,17 @@ def main(argv: list[str] | None = None) -> int:
                 return _error(f"output.dir: {output} holds a run (accepted: a new or empty folder, or --resume {output} to continue it)")
             if entries := sorted(x.name for x in output.iterdir() if x.name != ".lock"):
                 return _error(f"output.dir: {output} already holds files, e.g. {entries[0]} (accepted: a new or empty folder)")
-            (output / ".lock").unlink(missing_ok=True)  # a lock nobody holds (checked above): the ServerApp would take it for a file
+        made = _new_folders(workdir)
         try:
             workdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            _remove_empty(made)
             return _error(f"--workdir: cannot create {workdir} ({e.strerror or type(e).__name__}) (accepted: a folder path you can write to)")
         held.append(hold(workdir))
         if held[1] is None:
             return _error(f"--workdir: {workdir} is in use by another fedlora launcher (accepted: one launcher per workdir at a time)")
+        if not args.resume:
+            (output / ".lock").unlink(missing_ok=True)  # a lock nobody holds (checked above): the ServerApp would take it for a file
         owned = True
         return _launch(args, cfg, config, nodes, ranks, simulation, output, workdir, command)
     except Stopped as s:  # before the federation started: nothing to tear down
@@ -531,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owned and not args.resume:
             _tidy(output, created)
+        elif not owned:  # refused: the folders made for it go again, and nothing else was touched
+            _remove_empty(created)
         restore()
         for fd in held:
             if fd is not None:
@@ -550,7 +622,9 @@ def _launch(args: argparse.Namespace, cfg: Any, config: Path, nodes: int, ranks:
             summary = fed.run(config, output, args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
                               **({"resume": True} if args.resume else {}))
     except FlowerRunError as e:
-        print(f"error: {e.line}", file=sys.stderr, flush=True)
+        again = f"{command} --resume {output}" + (f" --workdir {workdir}" if args.workdir else "")
+        went_on = f"; every process of this deployment has ended; continue it with: {again}" if (output / "config.yaml").is_file() else ""
+        print(f"error: {e.line}{went_on}", file=sys.stderr, flush=True)
         return 1
     except Stopped as s:
         again = f"{command} --resume {output}" + (f" --workdir {workdir}" if args.workdir else "")
@@ -560,14 +634,32 @@ def _launch(args: argparse.Namespace, cfg: Any, config: Path, nodes: int, ranks:
         return 128 + s.signum
     print(f"run folder {output}: global loss {summary['global_loss']['before']:.4f} → {summary['global_loss']['after']:.4f}, "
           f"wire bytes up {summary['wire_bytes_up']:,} down {summary['wire_bytes_down']:,}, {time.perf_counter() - t0:.0f} s", flush=True)
+    if line := lost_line(summary.get("lost") or []):
+        print(line, file=sys.stderr, flush=True)
     return 0
+
+
+def lost_line(lost: list[dict[str, Any]]) -> str | None:
+    """One line for a run that went on without some clients (a SuperNode killed, a node that timed out): which
+    partitions in which rounds, and why the run is not the one an uninterrupted deployment gives. None if none was lost."""
+    if not lost:
+        return None
+    rounds: dict[int, list[int]] = {}
+    for x in lost:
+        rounds.setdefault(int(x["id"]), []).append(int(x["round"]))
+    where = "; ".join(f"partition {k} in round{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for k, r in sorted(rounds.items()))
+    first = str(lost[0].get("error") or "").splitlines()[0][:160] if lost[0].get("error") else "no reply"
+    return (f"warning: {len(lost)} client update{'s' if len(lost) > 1 else ''} lost ({where}; {first}): the run went on without "
+            f"{'them' if len(lost) > 1 else 'it'}, so it is not the run an uninterrupted deployment gives and --resume cannot make it one "
+            "(summary.json \"lost\")")
 
 
 def _print_round(entry: dict[str, Any], t0: float, rounds: int) -> None:
     from fedlora.report.table import round_line
 
     took = f", {len(entry['clients'])} clients" if entry.get("clients") else ""
-    print(f"{round_line(entry)} (of {rounds}{took}, {time.perf_counter() - t0:.0f} s)", flush=True)
+    lost = f", partition{'s' if len(entry['lost']) > 1 else ''} {', '.join(str(x['id']) for x in entry['lost'])} lost" if entry.get("lost") else ""
+    print(f"{round_line(entry)} (of {rounds}{took}{lost}, {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-02_19-49-33_203177_4194304/sockets/plasma_store")

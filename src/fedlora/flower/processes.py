@@ -8,8 +8,11 @@ ClientApp). A process group cannot hold them all, so every process a launch star
 small watchdog process (``python -m fedlora.flower.processes watch <launch id>``), started before any
 of them, waits on a pipe that only the launcher holds open: when the launcher ends — a clean stop,
 an exception, SIGTERM or SIGKILL alike — the pipe closes and the watchdog kills every process that
-carries the launch's id (read from ``/proc/<pid>/environ``, never matched by name), until none is left.
-The processes the launcher starts itself also get a parent-death signal (Linux ``PR_SET_PDEATHSIG``).
+carries the launch's id (read from ``/proc/<pid>/environ``, never matched by name), every descendant
+of one, and every member of a session one of them leads (learned while the launch runs: Ray's agents
+write their process title over their environment, and are orphans by the time the raylet is gone),
+until none is left. The processes the launcher starts itself also get a parent-death signal (Linux
+``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -24,6 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+LOOK_EVERY = 5.0
+"""Seconds between the watchdog's looks at the running launch (it learns the sessions its processes lead)."""
 
 LAUNCH_ENV = "FEDLORA_LAUNCH"
 """Set in the environment of every process a launch starts (and so of every process those start): the launch's id."""
@@ -115,6 +122,26 @@ def _exited(proc: subprocess.Popen, timeout: float) -> bool:
         time.sleep(0.05)
 
 
+def how_ended(proc: subprocess.Popen) -> str | None:
+    """How ``proc`` ended, without reaping it (``WNOWAIT``): ``killed by SIGKILL``, ``exited with code 1``; None while it runs."""
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already reaped
+        if proc.returncode is None:
+            return "ended"
+        killed, status = proc.returncode < 0, abs(proc.returncode)
+    else:
+        if info is None:
+            return None
+        killed, status = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED), info.si_status
+    if not killed:
+        return f"exited with code {status}"
+    try:
+        return f"was killed by {signal.Signals(status).name}"
+    except ValueError:
+        return f"was killed by signal {status}"
+
+
 # ---- one launcher per run folder --------------------------------------------------------------
 
 
@@ -163,29 +190,58 @@ def with_parent_death(cmd: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _PDEATH, str(os.getpid()), *cmd]
 
 
-def launch_processes(launch: str, exclude: int | None = None) -> list[int]:
-    """PIDs of the live processes whose environment carries ``FEDLORA_LAUNCH=<launch>`` (this user's; never by name)."""
+def launch_processes(launch: str, exclude: int | None = None, sessions: set[int] | None = None) -> list[int]:
+    """PIDs of the live processes of a launch (this user's; never by name): those whose environment carries
+    ``FEDLORA_LAUNCH=<launch>``, every descendant of those, and, with ``sessions``, every member of a session one of
+    them leads (``sessions`` keeps those session ids from call to call, so members orphaned by an earlier kill are
+    still found). The environment alone is not enough: Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
+    write their process title over it, and /proc then shows only NULs; their parent and their session still say whose
+    they are."""
     needle = f"{LAUNCH_ENV}={launch}".encode()
-    found = []
+    table: dict[int, tuple[int, int]] = {}  # pid → (parent, session)
+    tagged: set[int] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in (exclude, os.getpid()):
             continue
+        pid = int(entry.name)
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read()  # empty for a zombie: it is dead already
-        except OSError:  # gone, or another user's
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            state, parent, _, session = stat[stat.rindex(b")") + 2:].split()[:4]
+            if state == b"Z":  # a zombie: dead already
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except (OSError, ValueError):  # gone, or another user's
             continue
+        table[pid] = (int(parent), int(session))
         if needle in env.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+            tagged.add(pid)
+    if sessions is not None:
+        sessions.update(pid for pid in tagged if table[pid][1] == pid)  # session leaders of the launch (its own setsid)
+        # a session id stays taken while any process is in it (Linux frees the number only then): an empty session is
+        # forgotten, so a session learned here can never be another process's that reused the number
+        sessions.intersection_update({session for _, session in table.values()})
+    found = tagged | {pid for pid, (_, session) in table.items() if sessions and session in sessions}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = list(found)
+    while todo:  # and every descendant
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
-def sweep(launch: str, timeout: float = 60, exclude: int | None = None) -> int:
+def sweep(launch: str, timeout: float = 60, exclude: int | None = None, sessions: set[int] | None = None) -> int:
     """SIGKILL every process of the launch until three looks in a row find none (one being killed may be
-    starting another); how many were killed."""
+    starting another); how many were killed. ``sessions``: the launch's sessions learned while it ran."""
     killed, quiet, deadline = set(), 0, time.monotonic() + timeout
+    sessions = set() if sessions is None else sessions
     while quiet < 3 and time.monotonic() < deadline:
-        pids = launch_processes(launch, exclude)
+        pids = launch_processes(launch, exclude, sessions)
         quiet = 0 if pids else quiet + 1
         for pid in pids:
             try:
@@ -225,15 +281,19 @@ def watch(launch: str, remove: list[str]) -> None:
     the launch's scratch folders (the first one's parent too, when it is empty). Ctrl-C and a closed terminal do not stop it (it runs in its own session too)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    sessions: set[int] = set()  # the sessions the launch's processes lead, learned while it runs (see launch_processes)
     while True:
         try:
+            if not select.select([0], [], [], LOOK_EVERY)[0]:
+                launch_processes(launch, sessions=sessions)
+                continue
             if not os.read(0, 4096):
                 break
         except InterruptedError:
             continue
         except OSError:
             break
-    n = sweep(launch)
+    n = sweep(launch, sessions=sessions)
     for path in remove:
         shutil.rmtree(path, ignore_errors=True)
     if remove:
