@@ -350,6 +350,20 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
+def _install_log_handler(level: int) -> None:
+    """This call's handler on the root logger, in place of an earlier call's (whose stream may be closed by now),
+    leaving every other handler (a host program's, pytest's) as it is."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fedlora", False)]:
+        root.removeHandler(old)
+    handler = _log_handler()
+    handler.fedlora = True  # type: ignore[attr-defined]
+    if handler.formatter is None:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def _end_with_parent() -> None:
     """A cell of ``fedlora study`` ends with the study (SIGTERM when its parent dies; a checkpoint resumes it)."""
     parent = os.environ.pop("FEDLORA_PARENT", None)
@@ -378,10 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `fedlora run key=value` with the default config
         args.config = None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", handlers=[_log_handler()])
+    _install_log_handler(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not the user's business
-    for noisy in ("transformers", "peft", "httpx", "datasets"):
+    for noisy in ("transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a failed read at ERROR through its own handler, bound to the stderr of its import (a closed one,
+    # in a host that captures output); fedlora reports the failure itself, in one line
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except _user_errors() as e:
