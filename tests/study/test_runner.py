@@ -39,6 +39,8 @@ def test_a_new_cell_is_a_fedlora_run_into_its_folder_and_a_started_one_resumes(s
     (out / "runs" / "fedit-seed0").mkdir(parents=True)
     (out / "runs" / "fedit-seed0" / "config.yaml").write_text("seed: 0\n")
     assert argv(study, cell, out)[-2:] == ["--resume", str(out / "runs" / "fedit-seed0")]
+    (out / "runs" / "fedit-seed0" / "metrics.jsonl").write_text('{"round": 0}\n')  # rounds, but their checkpoints did not travel
+    assert argv(study, cell, out)[-1].startswith("output.dir=") and not (out / "runs" / "fedit-seed0").exists()
 
 
 def test_jobs_share_the_cpus_and_threads_can_be_set():

@@ -64,8 +64,10 @@ def argv(study: Study, cell: Cell, out: Path) -> list[str]:
     """The ``fedlora run`` command of a cell: a new run into its folder, or the resume of the one there."""
     folder = cell_dir(out, cell)
     base = [sys.executable, "-m", "fedlora.cli", "run"]
-    if (folder / "config.yaml").is_file():
+    if (folder / "config.yaml").is_file() and (not (folder / "metrics.jsonl").is_file() or any((folder / "checkpoints").glob("round-*"))):
         return [*base, "--resume", str(folder)]
+    if (folder / "config.yaml").is_file():  # rounds recorded but no checkpoint to resume them from (a copy without them): again
+        shutil.rmtree(folder)
     if folder.exists():  # killed before its config was written: nothing of it to keep
         shutil.rmtree(folder)
     return [*base, str(study.config), "output.save_final=false", *study.overrides, *cell.overrides, f"output.dir={folder}"]
