@@ -19,13 +19,14 @@ def test_the_log_handler_off_a_terminal_writes_one_unwrapped_line_per_message():
 
 
 def test_plain_hooks_log_each_client_and_each_round(caplog):
-    hooks = plain_hooks(load_config(packaged_config("tiny")))
     with caplog.at_level(logging.INFO, logger="fedlora"):
+        hooks = plain_hooks(load_config(packaged_config("tiny")))
         hooks.round_start(3, [0, 2])
         hooks.client_start(2, 5)
         hooks.step(1.0)
         hooks.round_end({"round": 3, "eval": {"global": {"loss": 1.23456}}})
-    assert caplog.messages == ["round 3: client 2 (r=1), 5 steps", "round 3 done · global loss 1.2346"]
+    assert caplog.messages == ["evaluating before round 1: the global test split and 3 clients' own (at most 12 examples each)",
+                               "round 3: client 2 (r=1), 5 steps", "round 3 done · global loss 1.2346"]
 
 
 def test_off_a_terminal_a_time_estimate_follows_the_first_round_and_a_heartbeat_breaks_a_silence(caplog):
@@ -34,8 +35,9 @@ def test_off_a_terminal_a_time_estimate_follows_the_first_round_and_a_heartbeat_
     from fedlora.app.progress import Heartbeat, eta_line
 
     cfg = load_config(packaged_config("tiny"), ["federation.rounds=21"])
-    hooks = plain_hooks(cfg)
     with caplog.at_level(logging.INFO, logger="fedlora"):
+        hooks = plain_hooks(cfg)
+        caplog.clear()  # the line before round 1 (the test above checks it)
         hooks.round_end({"round": 1, "wall_s": 30.0, "eval": {"global": {"loss": 2.0}}})
         hooks.round_end({"round": 2, "wall_s": 90.0, "eval": {"global": {"loss": 1.9}}})
     assert "about 10 min left for rounds 2–21 (at 30.0 s a round so far)" in caplog.messages  # 20 rounds × 30 s
