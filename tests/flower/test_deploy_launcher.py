@@ -403,3 +403,48 @@ def test_deploy_processes_that_lost_the_launch_id_die_with_the_launcher_too(tmp_
         for pid in _pids(pidfile, 0) if pidfile.exists() else []:
             if _alive(pid):
                 os.kill(pid, 9)
+
+
+def test_deploy_a_run_the_serverapp_finished_is_a_success_even_when_flwr_run_fails_after_it(tmp_path, monkeypatch, capsys):
+    """The SuperLink killed while the ServerApp writes the final adapter: ``flwr run`` fails at once, the ServerApp still
+    writes final/ and summary.json before the teardown ends it. That summary is this launch's: the run is complete, so
+    the launcher says so (exit 0, one warning line), not "continue it with --resume"; without it, the error line."""
+    import json
+    from types import SimpleNamespace
+
+    import fedlora.flower.launch as launch
+    from fedlora.flower.processes import FlowerRunError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(TINY.read_text())
+    writes = {"summary": True}
+
+    class Federation:
+        def __init__(self, *args, **kwargs):
+            self.address, self.tls = "127.0.0.1:1", False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, *args, **kwargs):
+            if writes["summary"]:
+                (out / "summary.json").write_text(json.dumps({"global_loss": {"before": 2.0, "after": 1.5}, "wire_bytes_up": 1,
+                                                              "wire_bytes_down": 2, "lost": []}))
+            raise FlowerRunError("flwr run exited 1 and the ServerApp wrote no summary.json", cause="the SuperLink was killed by SIGKILL")
+
+    monkeypatch.setattr(launch, "LocalFederation", Federation)
+    args = SimpleNamespace(tls=False, auth=False, threads_per_node=None, server_threads=None, overrides=[], resume=None, workdir=None)
+    cfg = SimpleNamespace(federation=SimpleNamespace(rounds=2, method="flora"))
+    assert launch._launch(args, cfg, TINY, 3, {}, None, out, tmp_path / "work", "fedlora deploy") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: flwr run exited (the SuperLink was killed by SIGKILL) as the ServerApp finished the run; the run folder is "
+                   "complete (nothing to resume)"], err
+    (out / "summary.json").unlink()
+    writes["summary"] = False
+    assert launch._launch(args, cfg, TINY, 3, {}, None, out, tmp_path / "work", "fedlora deploy") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: flwr run exited 1") and err[0].endswith(f"continue it with: fedlora deploy --resume {out}")

@@ -88,7 +88,7 @@ class RunHandle:
             what = "wrote no summary.json" if mark is None else f"left the summary.json of an earlier run in {self.output_dir} as it was"
             raise FlowerRunError(f"flwr run exited {self.proc.returncode} and the ServerApp {what}"
                                  f"{f' ({cause})' if cause else ''}; see {self.log} and {server_log}",
-                                 f"--- flwr run ---\n{_tail(self.log)}\n--- superlink ---\n{server[-4000:]}")
+                                 f"--- flwr run ---\n{_tail(self.log)}\n--- superlink ---\n{server[-4000:]}", cause=cause)
         return json.loads(summary.read_text())
 
     def _new_rounds(self, pos: tuple[int, int], on_round: Callable[[dict[str, Any]], None] | None) -> tuple[int, int]:
@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 def _launch(args: argparse.Namespace, cfg: Any, config: Path, nodes: int, ranks: dict[int, dict[str, int]], simulation: Resources | None,
             output: Path, workdir: Path, command: str) -> int:
     t0 = time.perf_counter()
+    before, started = summary_mark(output / "summary.json"), time.time()
     try:
         with LocalFederation(workdir, nodes, tls=args.tls, auth=args.auth, node_config=ranks, simulation=simulation,
                              threads_per_node=args.threads_per_node, server_threads=args.server_threads) as fed:
@@ -622,10 +623,15 @@ def _launch(args: argparse.Namespace, cfg: Any, config: Path, nodes: int, ranks:
             summary = fed.run(config, output, args.overrides, on_round=lambda e: _print_round(e, t0, cfg.federation.rounds),
                               **({"resume": True} if args.resume else {}))
     except FlowerRunError as e:
-        again = f"{command} --resume {output}" + (f" --workdir {workdir}" if args.workdir else "")
-        went_on = f"; every process of this deployment has ended; continue it with: {again}" if (output / "config.yaml").is_file() else ""
-        print(f"error: {e.line}{went_on}", file=sys.stderr, flush=True)
-        return 1
+        if (done := _summary_since(output, before, started)) is None:
+            again = f"{command} --resume {output}" + (f" --workdir {workdir}" if args.workdir else "")
+            went_on = f"; every process of this deployment has ended; continue it with: {again}" if (output / "config.yaml").is_file() else ""
+            print(f"error: {e.line}{went_on}", file=sys.stderr, flush=True)
+            return 1
+        # the ServerApp wrote the run's summary.json (its last file, after final/) before the teardown ended it: done
+        summary = done
+        print(f"warning: flwr run exited {e.cause and f'({e.cause}) ' or ''}as the ServerApp finished the run; the run folder is "
+              "complete (nothing to resume)", file=sys.stderr, flush=True)
     except Stopped as s:
         again = f"{command} --resume {output}" + (f" --workdir {workdir}" if args.workdir else "")
         went_on = (f"continue it with: {again}" if (output / "config.yaml").is_file()
@@ -637,6 +643,17 @@ def _launch(args: argparse.Namespace, cfg: Any, config: Path, nodes: int, ranks:
     if line := lost_line(summary.get("lost") or []):
         print(line, file=sys.stderr, flush=True)
     return 0
+
+
+def _summary_since(output: Path, before: tuple[int, int, str] | None, started: float) -> dict[str, Any] | None:
+    """The run's summary.json when this launch's ServerApp wrote it (not the one the folder held before), else None."""
+    mark = summary_mark(output / "summary.json")
+    if mark is None or mark == before or mark[1] < (started - 2) * 1e9:
+        return None
+    try:
+        return json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def lost_line(lost: list[dict[str, Any]]) -> str | None:

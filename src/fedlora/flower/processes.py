@@ -41,9 +41,9 @@ class FlowerRunError(RuntimeError):
 
     ``line`` is one line that says what happened and names the log; ``str()`` adds the tails of the logs."""
 
-    def __init__(self, line: str, details: str = "") -> None:
+    def __init__(self, line: str, details: str = "", cause: str | None = None) -> None:
         super().__init__(f"{line}\n{details}" if details else line)
-        self.line = line
+        self.line, self.cause = line, cause  # cause: what died or failed, when known
 
 
 def _tail(path: Path, n: int = 4000) -> str:
