@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 SUMS = "SHA256SUMS"
 
@@ -56,3 +58,19 @@ def damage(folder: Path) -> str | None:
 
 def sealed(folder: Path) -> bool:
     return (folder / SUMS).is_file()
+
+
+def write_folder(final: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a hidden sibling of ``final``, then put it in ``final``'s place (a run's or a node's
+    ``final/`` adapter): a process killed at any point leaves the previous ``final`` or none, never a half-written one,
+    and hidden leftovers that the next call removes. Nothing happens to ``final`` when ``write`` writes nothing."""
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = final.parent / f".{final.name}.tmp-{os.getpid()}", final.parent / f".{final.name}.old-{os.getpid()}"
+    write(tmp)
+    if not tmp.exists():  # a method whose adapters stay with the clients writes none on the server
+        return
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

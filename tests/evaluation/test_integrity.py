@@ -65,3 +65,70 @@ def test_an_unsealed_older_run_with_a_cut_adapter_is_one_line_not_a_traceback(se
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot be read" in err.replace("\n", " ")
+
+
+def test_a_final_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """``write_folder``: the run's (and a node's) ``final/`` is written aside and renamed into place; a write that dies
+    midway leaves the previous ``final/`` (or none) and a hidden leftover, which the next write removes."""
+    from fedlora.integrity import write_folder
+
+    final = tmp_path / "final"
+
+    def half(folder):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text("half")
+        raise KeyboardInterrupt  # killed before the card and the checksums
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(final, half)
+    assert not final.exists() and [p.name.startswith(".final.tmp-") for p in tmp_path.iterdir()] == [True]
+
+    def whole(text):
+        def write(folder):
+            folder.mkdir()
+            (folder / "adapter_model.safetensors").write_text(text)
+            (folder / "SHA256SUMS").write_text("sums")
+        return write
+
+    write_folder(final, whole("one"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "adapter_model.safetensors").read_text() == "one"
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(final, half)
+    assert (final / "adapter_model.safetensors").read_text() == "one"  # the previous one, whole
+    write_folder(final, whole("two"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "adapter_model.safetensors").read_text() == "two"
+    write_folder(final, lambda folder: None)  # nothing written (adapters that stay with the clients): final/ untouched
+    assert (final / "adapter_model.safetensors").read_text() == "two"
+
+
+def test_fedlora_runs_final_save_goes_through_write_folder(tmp_path, monkeypatch):
+    """The simulator's ``save_final`` (fedlora run, compare, the Flower ServerApp) is killed after the adapter and
+    before its card: the previous final/ stays whole, as the Flower side's always did."""
+    from types import SimpleNamespace
+
+    import fedlora.app.final as final_mod
+
+    def adapter(host, delta, targets, folder, base):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_model.safetensors").write_text("new")
+        return 2
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(final_mod, "save_adapter", adapter)
+    monkeypatch.setattr(final_mod, "write_card", killed)
+    method = SimpleNamespace(keeps=False, personal=False, global_delta=lambda: {})
+    server = SimpleNamespace(exp=SimpleNamespace(cfg=SimpleNamespace(lora=SimpleNamespace(target_modules=["q"])), method=method,
+                                                 host=None, model_dir=tmp_path), kept={})
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_model.safetensors").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        final_mod.save_final(server, final)
+    assert (final / "adapter_model.safetensors").read_text() == "old"
+    monkeypatch.setattr(final_mod, "write_card", lambda *a, **k: None)
+    final_mod.save_final(server, final)
+    assert (final / "adapter_model.safetensors").read_text() == "new" and (final / SUMS).is_file()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+

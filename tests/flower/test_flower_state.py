@@ -107,37 +107,3 @@ def test_a_damaged_kept_file_falls_back_to_the_earlier_round(tmp_path, gen):
     assert not (folder / "kept-r5.safetensors").exists()
     _flip(folder / "kept-r3.safetensors")
     assert load_kept(folder, 6) is None
-
-
-def test_a_final_folder_is_replaced_whole_or_not_at_all(tmp_path):
-    """``write_folder``: the run's (and a node's) ``final/`` is written aside and renamed into place; a write that dies
-    midway leaves the previous ``final/`` (or none) and a hidden leftover, which the next write removes."""
-    from fedlora.flower.state import write_folder
-
-    final = tmp_path / "final"
-
-    def half(folder):
-        folder.mkdir()
-        (folder / "adapter_model.safetensors").write_text("half")
-        raise KeyboardInterrupt  # killed before the card and the checksums
-
-    with pytest.raises(KeyboardInterrupt):
-        write_folder(final, half)
-    assert not final.exists() and [p.name.startswith(".final.tmp-") for p in tmp_path.iterdir()] == [True]
-
-    def whole(text):
-        def write(folder):
-            folder.mkdir()
-            (folder / "adapter_model.safetensors").write_text(text)
-            (folder / "SHA256SUMS").write_text("sums")
-        return write
-
-    write_folder(final, whole("one"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "adapter_model.safetensors").read_text() == "one"
-    with pytest.raises(KeyboardInterrupt):
-        write_folder(final, half)
-    assert (final / "adapter_model.safetensors").read_text() == "one"  # the previous one, whole
-    write_folder(final, whole("two"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "adapter_model.safetensors").read_text() == "two"
-    write_folder(final, lambda folder: None)  # nothing written (adapters that stay with the clients): final/ untouched
-    assert (final / "adapter_model.safetensors").read_text() == "two"

@@ -49,7 +49,7 @@ def test_exact_method_adapter_gives_the_global_models_logits(base, tmp_path):
     e = export_run(run, tmp_path / "out")
     assert e.kind == "adapter" and e.rank == e.exact_rank == 2 and e.max_layer_error == 0.0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(base) and config["r"] == 2
+    assert config["base_model_name_or_path"] == "tiny-llama" and config["r"] == 2  # the portable name, not this machine's path
     got = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "out"))
     assert rel_err(got, _global_logits(base, delta)) < 1e-6  # float32 weights and factors
 
@@ -188,3 +188,38 @@ def test_a_method_that_does_not_merge_is_exported_exactly(base, tmp_path, monkey
     run, _ = tiny_run_dir(tmp_path / "run", base, "flexlora", [3, 2, 1])
     e = export_run(run, tmp_path / "out")
     assert e.rank == e.exact_rank and e.max_layer_error == 0.0
+
+
+def test_an_exported_adapter_names_its_base_portably_and_finds_it_by_the_hint_or_by_base(base, tmp_path):
+    """adapter_config.json holds no absolute path (the base's portable name); eval finds the base through the path hint
+    fedlora wrote beside it, and, where the folder travelled without it, through --base; without either, one line."""
+    import shutil
+
+    from fedlora.evaluation.models import load_for_eval
+    from fedlora.evaluation.runs import RunFolderError
+    from fedlora.model.loading import portable_base_name
+
+    run, delta = tiny_run_dir(tmp_path / "run", base, "fedit", [2, 2, 2])
+    export_run(run, tmp_path / "out")
+    assert str(tmp_path) not in (tmp_path / "out" / "adapter_config.json").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: tiny-llama\n" in card and f"local copy `{base}`" in card
+    want = _global_logits(base, delta)
+    assert rel_err(_logits(load_for_eval(tmp_path / "out", device="cpu").model), want) < 1e-6  # the hint in fedlora_export.json
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "out", moved)
+    (moved / "fedlora_export.json").unlink()  # the adapter alone, on a machine where no hint holds
+    with pytest.raises(RunFolderError) as err:
+        load_for_eval(moved, device="cpu")
+    assert "'tiny-llama' is no local model folder here" in str(err.value) and "--base" in str(err.value)
+    assert rel_err(_logits(load_for_eval(moved, device="cpu", base=base).model), want) < 1e-6
+    with pytest.raises(RunFolderError, match="--base: .* is no local model folder"):
+        load_for_eval(moved, device="cpu", base=tmp_path / "nothing")
+
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()), "_name_or_path": "org/tiny-llama"}))
+    try:
+        assert portable_base_name(base) == "org/tiny-llama"  # a hub-style name the folder records is kept
+    finally:
+        (base / "config.json").write_text(json.dumps({k: v for k, v in json.loads((base / "config.json").read_text()).items()
+                                                      if k != "_name_or_path"}))

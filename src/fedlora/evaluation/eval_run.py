@@ -19,6 +19,7 @@ from fedlora.evaluation.models import load_for_eval
 def run_eval(
     path: str | Path, data: str | Path | None = None, *, client: int | None = None, prompts: Sequence[str] = (),
     generate: int = 3, max_new_tokens: int = 48, max_length: int | None = None, batch_size: int = 8, device: str = "auto",
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Everything `fedlora eval` reports, as a JSON-able dict."""
     if data is None and not prompts:
@@ -27,7 +28,7 @@ def run_eval(
         raise DataError(f"--data: file not found: {data} (accepted: a .jsonl/.json/.csv/.parquet file)")
     if generate < 0 or max_new_tokens < 1:
         raise DataError(f"--generate/--max-new-tokens: {generate}/{max_new_tokens} (accepted: --generate >= 0, --max-new-tokens >= 1)")
-    m = load_for_eval(path, client, device)
+    m = load_for_eval(path, client, device, base)
     result: dict[str, Any] = {"model": m.what}
     file_prompts: list[str] = []
     if data is not None:

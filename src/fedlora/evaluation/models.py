@@ -2,14 +2,13 @@
 
 - RUN_DIR: the base of its config plus final/ (or final/client-K/), folded into the target
   weights exactly as the run evaluated it (AdapterHost.set_delta);
-- an adapter folder (adapter_config.json): its ``base_model_name_or_path`` (a local folder)
-  with the adapter merged in;
+- an adapter folder (adapter_config.json): its base (``--base``, else found by ``find_base`` from
+  the portable name and the path hint beside it) with the adapter merged in;
 - a model folder (config.json): loaded as it is, e.g. `fedlora export --merged`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from fedlora.evaluation.runs import RunFolderError, is_run_dir, open_run
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.export import load_adapter_delta
-from fedlora.model.loading import load_causal_lm, pick_device, pick_dtype, resolve_model_dir, target_layer_shapes
+from fedlora.model.loading import find_base, load_causal_lm, pick_device, pick_dtype, resolve_model_dir, target_layer_shapes
 
 
 @dataclass
@@ -33,19 +32,19 @@ class EvalModel:
     max_length_from: str = "the default"  # or the run's own train.max_length: the scored tokens depend on it
 
 
-def load_for_eval(path: str | Path, client: int | None = None, device: str = "auto") -> EvalModel:
+def load_for_eval(path: str | Path, client: int | None = None, device: str = "auto", base: str | Path | None = None) -> EvalModel:
     path = Path(path)
+    if base is not None and not (path / "adapter_config.json").is_file():
+        raise RunFolderError(f"--base: {path} is not an adapter folder (accepted: --base with an exported adapter)")
     dev = pick_device(device)
     if is_run_dir(path):
         return _from_run(path, client, dev)
     if client is not None:
         raise RunFolderError(f"--client: {path} is not a run folder (accepted: --client with a RUN_DIR of a local run)")
     if (path / "adapter_config.json").is_file():
-        base = Path(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
-        if not (base / "config.json").is_file():
-            raise RunFolderError(f"{path}/adapter_config.json: base_model_name_or_path {str(base)!r} is no local model folder (accepted: a folder with config.json)")
         from peft import PeftModel
 
+        base = find_base(path, base)
         model, tokenizer = load_causal_lm(base, dev, pick_dtype("auto", dev))
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
         return EvalModel(model, tokenizer, dev, f"adapter {path} on {base}")

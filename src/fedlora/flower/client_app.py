@@ -101,10 +101,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = client_evaluate(rt.method, rt.trainer, sent, kept, splits, rt.cfg.eval.batch_size, rt.pad_id)
     if sent.round > rt.cfg.federation.rounds and rt.cfg.output.save_final and rt.model_dir is not None:
         from fedlora.federation.client import own_model
-        from fedlora.integrity import seal
+        from fedlora.integrity import seal, write_folder
         from fedlora.model.export import save_adapter
-
-        from fedlora.flower.state import write_folder
 
         def write(final: Path) -> None:
             save_adapter(rt.trainer.host, own_model(rt.method, sent, kept), rt.cfg.lora.target_modules, final, str(rt.model_dir))

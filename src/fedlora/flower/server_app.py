@@ -77,9 +77,8 @@ def main(grid: Grid, context: Context) -> None:
         trackers.close()
     if cfg.output.save_final:
         from fedlora.app.final import save_final
-        from fedlora.flower.state import write_folder
 
-        write_folder(out / "final", lambda folder: save_final(server, folder))  # never a half-written final/, whenever it is killed
+        save_final(server, out / "final")
     metrics = run.read_metrics()
     summary = summarize(metrics, time.perf_counter() - t0)
     rounds = [m for m in metrics if m["round"] > 0]

@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,19 +134,3 @@ def save_kept(folder: Path, round: int, kept: dict[str, torch.Tensor]) -> None:
         if r > round or (r < round and r != older[-1]):
             (folder / f"kept-r{r}.safetensors").unlink()
             (folder / f"kept-r{r}.sha256").unlink(missing_ok=True)
-
-
-def write_folder(final: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a hidden sibling of ``final``, then put it in ``final``'s place (a run's or a node's
-    ``final/`` adapter): a process killed at any point leaves the previous ``final`` or none, never a half-written one,
-    and hidden leftovers that the next call removes. Nothing happens to ``final`` when ``write`` writes nothing."""
-    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp, old = final.parent / f".{final.name}.tmp-{os.getpid()}", final.parent / f".{final.name}.old-{os.getpid()}"
-    write(tmp)
-    if not tmp.exists():  # a method whose adapters stay with the clients writes none on the server
-        return
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

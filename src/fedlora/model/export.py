@@ -25,6 +25,7 @@ from peft import PeftModel
 from fedlora.filemode import as_umask
 from fedlora.methods.base import Delta, Factors
 from fedlora.model.adapters import ADAPTER, AdapterHost
+from fedlora.model.loading import portable_base_name
 from fedlora.ops.lowrank import LowRank, compress, lowrank_svd, pad
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def delta_to_factors(delta: Delta) -> dict[str, Factors]:
 
 
 def save_adapter(host: AdapterHost, delta: Delta, target_modules: list[str], folder: Path, base_path: str) -> int:
-    """Write adapter_config.json + adapter_model.safetensors; returns the adapter's largest rank (its ``r``)."""
+    """Write adapter_config.json + adapter_model.safetensors; returns the adapter's largest rank (its ``r``).
+
+    ``base_model_name_or_path`` is the base's portable name (``portable_base_name``), not ``base_path``: the folder
+    must mean the same on another machine. The card and fedlora_export.json carry the local path as a hint."""
     factors = delta_to_factors(delta)
     shapes = _shapes(host)
     for name, (d_out, d_in) in shapes.items():
@@ -55,7 +59,7 @@ def save_adapter(host: AdapterHost, delta: Delta, target_modules: list[str], fol
         log.warning("the adapter holds %.1f M numbers, more than the dense update of its layers (%.1f M): `fedlora export --merged` "
                     "writes W_0 + ΔW instead", numbers / 1e6, dense / 1e6)
     with host.adapter(rank, 1.0, target_modules, init=factors, rank_pattern=pattern) as peft_model:
-        peft_model.peft_config["default"].base_model_name_or_path = base_path
+        peft_model.peft_config["default"].base_model_name_or_path = portable_base_name(Path(base_path))
         peft_model.save_pretrained(folder, safe_serialization=True)
     as_umask(folder)
     return rank

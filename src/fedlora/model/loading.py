@@ -40,6 +40,43 @@ def resolve_model_dir(path: str | None, task: str = "causal_lm") -> Path:
     return embedded_encoder_dir() if task == "classification" else embedded_model_dir()
 
 
+def portable_base_name(model_dir: Path) -> str:
+    """A base model's name that means the same on another machine: the hub-style ``org/name`` its config.json
+    records, else the folder's own name. A user's absolute path never goes into an adapter's config."""
+    try:
+        recorded = json.loads((Path(model_dir) / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        recorded = ""
+    if recorded.count("/") == 1 and not recorded.startswith((".", "~")) and not Path(recorded).exists():
+        return recorded
+    return Path(model_dir).resolve().name
+
+
+def find_base(adapter: Path, base: str | Path | None = None) -> Path:
+    """The local base folder of an adapter: ``base`` when given; else its ``base_model_name_or_path`` when that is a
+    local folder; else the path hint fedlora wrote beside it (fedlora_export.json); else the embedded model of
+    that name. A one-line error names ``--base`` when none is found."""
+    from fedlora.evaluation.runs import RunFolderError
+
+    if base is not None:
+        if not (Path(base) / "config.json").is_file():
+            raise RunFolderError(f"--base: {base} is no local model folder (accepted: a folder with config.json)")
+        return Path(base)
+    name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    hints = [Path(name)]
+    if (adapter / "fedlora_export.json").is_file():
+        hints.append(Path(json.loads((adapter / "fedlora_export.json").read_text()).get("base_model") or ""))
+    for hint in hints:
+        if str(hint) and (hint / "config.json").is_file():
+            return hint
+    from fedlora.model.assets import EMBEDDED_NAME, embedded_model_dir
+
+    if name == EMBEDDED_NAME:
+        return embedded_model_dir()
+    raise RunFolderError(f"{adapter}/adapter_config.json: its base {name!r} is no local model folder here and no hint beside it names one "
+                         "(accepted: --base /local/model/folder)")
+
+
 def load_causal_lm(model_dir: Path, device: torch.device, dtype: torch.dtype):
     """Model (eval mode, all weights frozen) and tokenizer with a pad token, from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

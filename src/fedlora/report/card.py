@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import Config
+from fedlora.model.loading import portable_base_name
 
 
 def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, run_name: str, client: int | None = None,
@@ -21,8 +22,9 @@ def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, ru
     prov = provenance()
     commit = f" (commit {prov['commit'][:12]})" if prov["commit"] else ""
     who = f"client {client}'s own model" if client is not None else "the global model"
+    name = portable_base_name(Path(base_model))
     lines = [
-        "---", f"base_model: {base_model}", "library_name: peft", f"tags: [fedlora, federated-learning, lora, {f.method}]", "---", "",
+        "---", f"base_model: {name}", "library_name: peft", f"tags: [fedlora, federated-learning, lora, {f.method}]", "---", "",
         f"# {run_name}: {who}, federated LoRA ({f.method})", "",
         f"Trained with fedlora {prov['fedlora_version'] or ''}{commit}: "
         f"method `{f.method}`, {f.num_clients} clients with LoRA ranks {ranks} on {', '.join(lo.target_modules)}, "
@@ -41,7 +43,9 @@ def adapter_card(cfg: Config, metrics: list[dict[str, Any]], base_model: str, ru
     else:
         lines += [
             "Load it with PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "<this folder>")', "```", "",
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}"), "<this folder>")', "```", "",
+            f"`{name}` is the base's portable name; it was trained on the local copy `{base_model}`. Where the name does not "
+            "resolve, pass your own copy's folder in its place (`fedlora eval <this folder> --base DIR`).", "",
         ]
     if note:
         lines += [note, ""]
