@@ -110,16 +110,19 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    """Every method this install can run: the package's and each installed entry point's, with what it declares."""
     from rich.table import Table
 
-    from fedlora.methods import REGISTRY
+    from fedlora.methods import available
 
     table = Table(title="fedlora methods (federation.method=NAME, options as federation.options.KEY=VALUE)", show_lines=True)
-    for col in ("method", "what it does", "options"):
+    for col in ("method", "what it does", "declares", "options"):
         table.add_column(col)
-    for name, cls in REGISTRY.items():
+    for name, cls in available().items():
         opts = "\n".join(f"{k} = {o.default!r} ({o.accepted()}): {o.help}" for k, o in cls.options.items()) or "—"
-        table.add_row(name, cls.summary, opts)
+        flags = [f for f in ("exact", "merges", "sums_only") if getattr(cls, f)]
+        where = "" if cls.__module__.startswith("fedlora.") else f"\nfrom {cls.__module__}"
+        table.add_row(name, cls.summary + where, f"ranks: {cls.ranks}\n{cls.kind}" + "".join(f"\n{f}" for f in flags), opts)
     Console().print(table)
     return 0
 
@@ -235,7 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             write_json(Path(args.json), result)
         return 0
-    result = run_eval(args.path, args.data, client=args.client, prompts=args.prompt, generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    result = run_eval(args.path, args.data, client=args.client, prompts=args.prompt, generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                      base=args.base)
     Console().print("\n".join(describe(result)), highlight=False, soft_wrap=True, markup=False)
     if args.json:
         write_json(Path(args.json), result)
@@ -331,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--max-length", type=int, help="tokens per example (default: the run's train.max_length, else 256)")
     ev.add_argument("--client", type=int, help="client K's model of a personal-method run (local)")
+    ev.add_argument("--base", metavar="MODEL_DIR", help="an exported adapter's base model folder, where the adapter's own hint does not find it")
     ev.add_argument("--lm-eval", metavar="TASK", help="lm-eval-harness on TASK (a task YAML, or MMLU-format JSONL), beside fedlora's own scorer")
     ev.add_argument("--limit", type=int, help="--lm-eval: the first N questions only (no comparison with fedlora's scorer)")
     ev.add_argument("--json", help="also write the results to this JSON file")

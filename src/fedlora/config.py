@@ -112,6 +112,11 @@ class FederationCfg(Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
     min_clients: int = Field(1, ge=1, description="At least this many clients per round.")
     options: dict[str, Any] = Field(default_factory=dict, description="Method options, e.g. weights: uniform.")
+    wrappers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Wrappers at the aggregation seam of a sums_only method, in order: [{use: clip, max_norm: 0.5}] bounds each "
+                    "client's contribution; use: package.module:Class for your own (federation/wrappers.py).",
+    )
     wire_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of factors on the wire (Flower).")
     max_update_norm: float = Field(
         1e4, gt=0, allow_inf_nan=False,

@@ -26,7 +26,7 @@ from fedlora.flower import client_app, runtime
 from fedlora.flower.roster import Roster
 from fedlora.flower.state import NodeStateError, load_kept, state_dir
 from fedlora.flower.strategy import FedLoraStrategy, RoundFailed
-from fedlora.methods import REGISTRY, MethodError, Setup, build_method
+from fedlora.methods import REGISTRY, Setup, build_method
 from fedlora.model.adapters import AdapterHost
 from fedlora.model.loading import head_modules, target_layer_shapes
 from fedlora.federation.experiment import ClientData, Experiment
@@ -125,17 +125,13 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, record
 
 
 def _ranks(name):
-    try:
-        build_method(name, Setup({"x": (4, 4)}, {0: 4, 1: 2, 2: 1}, {k: 2.0 for k in range(3)}))
-        return (4, 2, 1)
-    except MethodError:
-        return (2, 2, 2)
+    return (2, 2, 2) if REGISTRY[name].ranks == "one" else (4, 2, 1)
 
 
-def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False):
+def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False, extra=()):
     """``model``: a module, or a factory of identical fresh ones (a classifier's head is trained in place)."""
     fresh = model if callable(model) and not isinstance(model, torch.nn.Module) else (lambda: model)
-    exp, _ = _experiment(fresh(), name, ranks, classify=classify)
+    exp, _ = _experiment(fresh(), name, ranks, extra, classify=classify)
     sim_records, sim_deltas, sim_heads = [], {}, {}
 
     def sim_round_end(e):
@@ -146,13 +142,13 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
     sim.run(sim_records.append)
     exp.host.reset_base()  # a shared model back to W_0: the simulator left it at its merged base
 
-    exp, setup = _experiment(fresh(), name, ranks, classify=classify)
+    exp, setup = _experiment(fresh(), name, ranks, extra, classify=classify)
     records, deltas, heads = _flower(exp, setup, tmp_path, monkeypatch)
     assert [r["round"] for r in records] == [0, 1, 2]
     for f, s in zip(records, sim_records, strict=True):
         assert set(s) <= set(f)
         assert f["eval"] == s["eval"]
-        for key in ("bytes_up", "bytes_down", "agg_noise", "init_noise", "weights", "local_rank_sum"):
+        for key in ("bytes_up", "bytes_down", "agg_noise", "init_noise", "weights", "local_rank_sum", "clipped"):
             assert f.get(key) == s.get(key), key
         for fc, sc in zip(f["clients"], s["clients"], strict=True):
             assert {k: fc[k] for k in sc if k != "padded_fraction"} == {k: v for k, v in sc.items() if k != "padded_fraction"}
@@ -174,6 +170,14 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
 def test_flower_strategy_and_clientapp_equal_the_simulator_for_every_method(tiny_llama, tmp_path, monkeypatch, name):
     records = _same_as_simulator(tiny_llama, name, _ranks(name), tmp_path, monkeypatch)  # compares every round with the simulator's
     assert [len(r["clients"]) for r in records[1:]] == [1 if name == "centralized" else 3] * 2 and all("eval" in r for r in records)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if cls.sums_only))
+def test_flower_a_wrapper_at_the_seam_clips_as_in_the_simulator_for_every_sums_only_method(tiny_llama, tmp_path, monkeypatch, name):
+    """federation.wrappers = clip, tight enough to scale clients down: both transports clip the same clients and
+    end bit for bit on the same global model (the wrapper sits in the server half both share)."""
+    records = _same_as_simulator(tiny_llama, name, _ranks(name), tmp_path, monkeypatch, extra=["federation.wrappers=[{use: clip, max_norm: 0.05}]"])
+    assert any(r.get("clipped") for r in records[1:]), [r.get("clipped") for r in records]
 
 
 @pytest.mark.parametrize("name", ["flora", "local"])

@@ -91,3 +91,15 @@ def test_register_refuses_a_second_class_under_a_taken_name_and_keeps_the_same_o
     with pytest.raises(ValueError, match=r"method name 'flora' of .*Other is already registered by fedlora\.methods\.flora\.FLoRA"):
         register(Other)
     assert REGISTRY["flora"] is FLoRA
+
+
+def test_fedlora_methods_lists_an_installed_entry_points_method_with_its_declarations(outside, monkeypatch, capsys):
+    from fedlora.cli import main
+
+    fake_entry_points(monkeypatch, **{"my-fedit": f"{outside}:OneRank"})
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["methods"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "│" in line]
+    first = next(i for i, line in enumerate(rows) if line.split("│")[1].strip() == "my-fedit")
+    cells = ["".join(line.split("│")[c] for line in rows[first:first + 3]) for c in (2, 3)]
+    assert f"from {outside}" in cells[0] and "ranks: one" in cells[1] and "sums_only" in cells[1]

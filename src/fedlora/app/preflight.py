@@ -35,4 +35,8 @@ def preflight(cfg: Config) -> None:
         options=cfg.federation.options,
         rank_patterns=cfg.client_rank_patterns(),
     )
-    build_method(cfg.federation.method, setup)
+    method = build_method(cfg.federation.method, setup)
+    from fedlora.federation.seam import check_wrappers
+    from fedlora.federation.wrappers import build_wrappers
+
+    check_wrappers(method, build_wrappers(cfg.federation.wrappers))

@@ -17,8 +17,9 @@ import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, as_received, plan_nbytes, update_nbytes
 from fedlora.methods.validate import Bounds, check_update
-from fedlora.ops.weights import data_weights
 from fedlora.federation import diagnostics
+from fedlora.federation.seam import Seam, Wrapper
+from fedlora.ops.weights import data_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +57,24 @@ def start_of(method: Method, plan: ClientPlan) -> Delta:
 class ServerRound:
     """The server's half of one round, fed one reply at a time, then finished.
 
-    ``receive`` validates a reply, records its row and init_noise, and folds it into the
-    method's running sum (methods/folding.py) and the agg_noise ideal; only a method that needs
-    every update at once (HETLoRA, FlexLoRA, Fed-PLoRA, the references) keeps the updates until
-    ``finish``. ``finish`` checks ``federation.min_clients``, commits the aggregate, the heads
-    and the diagnostics, and returns the round's metrics entry. Nothing of the method's state
-    changes before ``finish`` has enough usable replies.
+    ``receive`` validates a reply, records its row and init_noise, and adds it to the round's
+    seam (federation/seam.py: summed, folded or kept, as the method declares; through the
+    wrappers) and to the agg_noise ideal. ``finish`` checks ``federation.min_clients``, commits
+    the aggregate, the heads and the diagnostics, and returns the round's metrics entry. Nothing
+    of the method's state changes before ``finish`` has enough usable replies.
     """
 
     def __init__(self, method: Method, bounds: Bounds, number: int, name: str, sampled: list[int], min_clients: int,
-                 before: Delta, rejected: list[dict[str, Any]] | None = None) -> None:
+                 before: Delta, rejected: list[dict[str, Any]] | None = None, wrappers: list[Wrapper] | tuple[Wrapper, ...] = ()) -> None:
         self.method, self.bounds, self.number, self.name, self.sampled, self.min_clients = method, bounds, number, name, sampled, min_clients
         self.before = before
         self.rejected = list(rejected or [])  # may already hold replies the transport could not decode
         self.personal = method.personal  # no global model: the noises are undefined
         self.silent = not method.communicates
-        self.folding = method.folds
-        self.sum = method.begin(number) if self.folding else None  # type: ignore[attr-defined]
+        self.seam = Seam(method, number, wrappers)
         self.ideal = None if self.personal else diagnostics.IdealSum()
         self.reference = diagnostics.Reference(before)  # ‖G_t − W_0‖_F, computed once a client needs it
-        self.updates: list[ClientUpdate] = []  # non-folding methods only
-        self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known
+        self.no_examples: list[tuple[Delta, ClientUpdate]] = []  # n_k = 0: weighed once every count is known (the ideal)
         self.heads: list[dict] = []  # the rows hold everything else a kept reply leaves
         self.rows: list[dict[str, Any]] = []
         self.lost: list[dict[str, Any]] = []  # clients the transport never heard back from (Flower)
@@ -97,16 +95,13 @@ class ServerRound:
             **a.extras,
         })
         self.heads.append(u.head)
-        if not self.folding:
-            self.updates.append(u)
+        self.seam.add(u, u.num_examples)
         if u.num_examples == 0:  # its weight is 0, or 1 if every count turns out to be 0 (data_weights)
             self.no_examples.append((a.start, u))
         else:
-            self._take(a.start, u, float(u.num_examples))
+            self._ideal(a.start, u, float(u.num_examples))
 
-    def _take(self, start: Delta, u: ClientUpdate, weight: float) -> None:
-        if self.folding:
-            self.method.fold(self.sum, u, weight)  # type: ignore[attr-defined]
+    def _ideal(self, start: Delta, u: ClientUpdate, weight: float) -> None:
         if self.ideal is not None:
             self.ideal.add(start, u, weight)
 
@@ -118,19 +113,11 @@ class ServerRound:
                 f"rejected: {self.rejected}; lost: {self.lost}; the previous round's global state is kept"
             )
         counts = [r["num_examples"] for r in self.rows]
-        weights = data_weights(counts)
-        every_count_zero = sum(counts) == 0
-        for start, u in self.no_examples:
-            if every_count_zero:
-                self._take(start, u, 1.0)
-            elif self.folding:
-                self.method.fold(self.sum, u, 0.0)  # type: ignore[attr-defined]  # a uniform-weight method still counts it
-        if self.folding:
-            self.method.commit(self.sum)  # type: ignore[attr-defined]
-            applied = self.sum.applied()
-        else:
-            applied = dict(zip((u.client for u in self.updates), self.method.aggregate(self.updates, weights, self.number) or []))
-        aggregate_heads([r["id"] for r in self.rows], self.heads, weights)
+        if sum(counts) == 0:
+            for start, u in self.no_examples:
+                self._ideal(start, u, 1.0)
+        applied = self.seam.finish()
+        aggregate_heads([r["id"] for r in self.rows], self.heads, data_weights(counts))
         after = self.method.global_delta()
         return {
             "round": self.number,
@@ -143,7 +130,8 @@ class ServerRound:
             "bytes_down": sum(r["bytes_down"] for r in self.rows),
             "local_rank_sum": sum(r["local_rank_sum"] for r in self.rows),
             "rejected": sorted(self.rejected, key=lambda x: x["id"]),
-            **self.method.round_metrics(self.updates),
+            **self.method.round_metrics(self.seam.replies),
+            **self.seam.round_metrics(),
         }
 
 

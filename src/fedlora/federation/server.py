@@ -17,6 +17,8 @@ import psutil
 
 from fedlora.federation.heads import Heads
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
+from fedlora.federation.seam import check_wrappers
+from fedlora.federation.wrappers import build_wrappers
 from fedlora.federation.client import client_evaluate, own_model
 from fedlora.methods.base import ClientPlan, Delta, Kept
 from fedlora.methods.state import load_state, state_of
@@ -53,6 +55,8 @@ class Server:
         self.heads = Heads(exp.host.initial_head(), [c.id for c in exp.clients], exp.method.personal)
         cfg = exp.cfg
         self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, shrinks_rank=exp.trainer.shrinks_rank)
+        self.wrappers = build_wrappers(cfg.federation.wrappers)  # built once: a wrapper may keep state across rounds
+        check_wrappers(self.method, self.wrappers)
         self.kept: dict[int, Kept] = {}
         """What each client keeps (``Method.keeps``) when the clients run in this process; over Flower it stays on the nodes."""
 
@@ -70,7 +74,8 @@ class Server:
         for k in sampled:
             plans[k] = self.method.plan(k, number)
             plans[k].head = self.heads.of(k)
-        return Round(number, sampled, plans, ServerRound(self.method, self.bounds, number, fed.method, sampled, fed.min_clients, before, rejected))
+        return Round(number, sampled, plans, ServerRound(self.method, self.bounds, number, fed.method, sampled, fed.min_clients, before, rejected,
+                                                      self.wrappers))
 
     def train_data(self, client: int) -> list[Any]:
         """What client k trains on in process (the pooled reference: everyone's data)."""

@@ -6,16 +6,18 @@ as a client would; nothing is communicated. The global model is W_0 + s·BA.
 
 from __future__ import annotations
 
+import torch
 
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
+from fedlora.methods.sums import Sums
 from fedlora.ops.lowrank import LowRank
 
 
 @register
-class Centralized(Method):
+class Centralized(Sums):
     name = "centralized"
     summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
     options: dict = {}
@@ -25,6 +27,7 @@ class Centralized(Method):
     sums_only = True  # a sum of one upload, weight 1 (nothing is communicated)
     pooled = True  # the simulator trains client 0 on every client's training split
     communicates = False
+    uniform = True  # one upload, weight 1
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)
@@ -39,11 +42,15 @@ class Centralized(Method):
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
-        """The one pooled model's upload becomes the model; the server owns it once it arrives (no copy)."""
-        (update,) = updates
-        self.factors = dict(update.factors)
-        return [1.0]
+    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
+        """The one pooled model's B and A (a sum of one, weight 1)."""
+        out = {}
+        for name in self.factors:
+            out[name + ".B"], out[name + ".A"] = u.factors[name].B, u.factors[name].A
+        return out
+
+    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
+        self.factors = {name: Factors(B=means[name + ".B"], A=means[name + ".A"]) for name in self.factors}
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

@@ -7,16 +7,18 @@ rank and one scale for every client.
 
 from __future__ import annotations
 
+import torch
+
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
 from fedlora.methods.registry import register
 from fedlora.ops.lowrank import LowRank
 from fedlora.methods.checks import one_rank, one_scale
-from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.sums import Sums
 from fedlora.methods.options import read_options
 
 
 @register
-class FedIT(Folds):
+class FedIT(Sums):
     name = "fedit"
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
@@ -37,20 +39,16 @@ class FedIT(Folds):
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
-
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Add w_k B_k and w_k A_k into the running sums, in place."""
-        acc.add(u.client, float(weight))
+    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
+        """B_k and A_k of every layer."""
+        out = {}
         for name in self.factors:
-            add_weighted(acc.layers, name + ".B", u.factors[name].B, weight, self.setup.dtype)
-            add_weighted(acc.layers, name + ".A", u.factors[name].A, weight, self.setup.dtype)
+            out[name + ".B"], out[name + ".A"] = u.factors[name].B, u.factors[name].A
+        return out
 
-    def commit(self, acc: Sum) -> None:
+    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
         """B̄ = Σ w_k B_k / Σ w_k, Ā = Σ w_k A_k / Σ w_k."""
-        norm = acc.norm()
-        self.factors = {name: Factors(B=acc.layers[name + ".B"].mul_(norm), A=acc.layers[name + ".A"].mul_(norm)) for name in self.factors}
+        self.factors = {name: Factors(B=means[name + ".B"], A=means[name + ".A"]) for name in self.factors}
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

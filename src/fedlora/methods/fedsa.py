@@ -22,7 +22,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Kept, Setup
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
-from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.sums import Sums
 from fedlora.methods.options import WEIGHTS
 from fedlora.ops.lowrank import kaiming_A, seeded_generator
 
@@ -30,7 +30,7 @@ A_KEY = "A_bar:"  # + layer name: the shared factor in the plan's meta (init is 
 
 
 @register
-class FedSA(Folds):
+class FedSA(Sums):
     name = "fedsa"
     summary = "Share A (FedAvg), keep each client's B on the client: one personal model per client."
 
@@ -67,19 +67,13 @@ class FedSA(Folds):
         """Client side: B_k as trained, for the client's next round."""
         return {name: f.B.detach().clone() for name, f in update.factors.items()}
 
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
+    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
+        """A_k of every layer (B_k never leaves the client)."""
+        return {name: u.factors[name].A for name in self.setup.layers}
 
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        w = 1.0 if self.uniform else float(weight)
-        acc.add(u.client, w)
-        for name in self.setup.layers:
-            add_weighted(acc.layers, name, u.factors[name].A, w, self.setup.dtype)
-
-    def commit(self, acc: Sum) -> None:
+    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
         """Ā = Σ w_k A_k / Σ w_k."""
-        norm = acc.norm()
-        self.A = {name: acc.layers[name].mul_(norm) for name in self.setup.layers}
+        self.A = {name: means[name] for name in self.setup.layers}
 
     def global_delta(self) -> Delta:
         """No global model exists (each client's B is its own); W_0 stands in, and export refuses it."""

@@ -25,7 +25,7 @@ from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, plan_for_lay
 from fedlora.methods.registry import register
 from fedlora.methods.checks import heterogeneous, one_rank, one_scale
 from fedlora.methods.errors import MethodError
-from fedlora.methods.folding import FoldsB
+from fedlora.methods.sums import SumsB
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
 
@@ -42,7 +42,7 @@ def shared_A(seed: int, layer: str, rank: int, d_in: int, dtype: torch.dtype) ->
 
 
 @register
-class FFALoRA(FoldsB):
+class FFALoRA(SumsB):
     name = "ffa"
     summary = "A drawn once from a shared seed and frozen; only B trains and is averaged (exact)."
 

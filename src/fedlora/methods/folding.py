@@ -61,25 +61,6 @@ class Folds(Method):
         return [applied.get(u.client, 0.0) for u in updates]
 
 
-class FoldsB(Folds):
-    """For methods whose whole state is one averaged B per layer (FFA-LoRA, ``full``): B̄ = Σ w_k B_k / Σ w_k."""
-
-    setup: Setup
-    B: dict[str, torch.Tensor]
-
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
-
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        acc.add(u.client, float(weight))
-        for name in self.setup.layers:
-            add_weighted(acc.layers, name, u.factors[name].B, weight, self.setup.dtype)
-
-    def commit(self, acc: Sum) -> None:
-        norm = acc.norm()
-        self.B = {name: acc.layers[name].mul_(norm) for name in self.setup.layers}
-
-
 def add_weighted(sums: dict[str, torch.Tensor], key: str, t: torch.Tensor, weight: float, dtype: torch.dtype | None = None) -> None:
     """sums[key] += w·t in place; the first term is a new tensor (in ``dtype``, default t's).
 

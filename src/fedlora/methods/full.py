@@ -18,7 +18,7 @@ import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup
 from fedlora.methods.registry import register
-from fedlora.methods.folding import FoldsB
+from fedlora.methods.sums import SumsB
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank
 
@@ -26,7 +26,7 @@ B_KEY = "W_delta:"  # + layer name: the global B̄ = W_g − W_0 (d_out × d_in)
 
 
 @register
-class FullFedAvg(FoldsB):
+class FullFedAvg(SumsB):
     name = "full"
     summary = "Reference: FedAvg of the adapted layers' full weights (d_out·d_in per layer each way); exact."
     options: dict = {}

@@ -145,6 +145,11 @@ def _problem(cls: type) -> str | None:
     for key in FLAGS:
         if not isinstance(getattr(cls, key), bool):
             return f"method {name!r} declares {key} = {getattr(cls, key)!r} (accepted: True, False)"
+    from fedlora.methods.sums import Sums
+
+    if cls.sums_only != issubclass(cls, Sums):
+        return (f"method {name!r} declares sums_only = {cls.sums_only} but is {'not ' if cls.sums_only else ''}a fedlora.methods.sums.Sums "
+                "(accepted: a Sums subclass, which declares contribution and from_means, with sums_only = True; any other with False)")
     return None
 
 

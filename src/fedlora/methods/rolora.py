@@ -14,11 +14,13 @@ Each direction sends one factor: up r·d_out (B rounds) or r·d_in (A rounds); d
 
 from __future__ import annotations
 
+import torch
+
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
-from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.methods.sums import Sums
 from fedlora.methods.options import WEIGHTS
 from fedlora.ops.lowrank import LowRank
 
@@ -29,7 +31,7 @@ def trains_B(round: int) -> bool:
 
 
 @register
-class RoLoRA(Folds):
+class RoLoRA(Sums):
     name = "rolora"
     summary = "Alternate: odd rounds train and average B (A shared), even rounds A (B shared); exact averages."
 
@@ -49,24 +51,16 @@ class RoLoRA(Folds):
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init, train_A=not b_round, train_B=b_round)
 
-    def begin(self, round: int) -> Sum:
-        return Sum(round)
+    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
+        """The factor that trained this round, per layer."""
+        which = "B" if trains_B(round) else "A"
+        return {name: getattr(u.factors[name], which) for name in self.setup.layers}
 
-    def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
-        """Add w_k times the factor that trained this round."""
-        w = 1.0 if self.uniform else float(weight)
-        acc.add(u.client, w)
-        which = "B" if trains_B(acc.round) else "A"
-        for name in self.setup.layers:
-            f = u.factors[name]
-            add_weighted(acc.layers, name, f.B if which == "B" else f.A, w, self.setup.dtype)
-
-    def commit(self, acc: Sum) -> None:
+    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
         """Replace the trained factor by its weighted mean; the frozen one stays as it was."""
-        norm = acc.norm()
-        b_round = trains_B(acc.round)
+        b_round = trains_B(round)
         self.factors = {
-            name: Factors(B=acc.layers[name].mul_(norm), A=f.A) if b_round else Factors(B=f.B, A=acc.layers[name].mul_(norm))
+            name: Factors(B=means[name], A=f.A) if b_round else Factors(B=f.B, A=means[name])
             for name, f in self.factors.items()
         }
 
