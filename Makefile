@@ -1,5 +1,6 @@
 # make demo : set everything up on a fresh machine, then run the default experiment
 # make test : set everything up, then run the test suite
+# make test-beside-deploy: the same while another `fedlora deploy` runs on this machine
 # make bench: the eight benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions;
 #             REFERENCE=/path/to/FederatedLLM (a checkout of the FLoRA paper's code) for bench 8, which says so and skips without it
 VENV ?= .venv
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-beside-deploy setup bench clean
 
 demo: $(STAMP)
 	$(VENV)/bin/fedlora run
@@ -18,6 +19,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 setup: $(STAMP)
+
+# make test while another fedlora deploy runs on this machine; the deployment must survive the suite and end cleanly
+test-beside-deploy:
+	bash tools/test-beside-deploy.sh
 
 # A torch that python3 can already import (e.g. a CUDA build) is reused through
 # --system-site-packages; otherwise the CPU build torch==2.13.0 is installed first, so
