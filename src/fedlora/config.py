@@ -152,6 +152,19 @@ class EvalCfg(Section):
         return self.client_splits == "every" or number in (0, rounds)
 
 
+class PrivacyCfg(Section):
+    mode: Literal["none", "client"] = Field(
+        "none", description="client: client-level DP on a trusted server: each client's contribution clipped to privacy.clip, "
+                            "uniform weights, Gaussian noise on the sums, ε(δ) accounted every round (docs/privacy.md); sums_only methods.")
+    clip: float = Field(1.0, gt=0, allow_inf_nan=False, description="C: the largest L2 norm of one client's contribution (all its tensors together).")
+    noise_multiplier: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="σ: the noise's standard deviation over the sum's L2 sensitivity; null: calibrated from privacy.target_epsilon.")
+    target_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False, description="ε to reach after federation.rounds rounds; σ is calibrated before the run (and written into the run's config).")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ).")
+    max_epsilon: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="The run stops before the round whose release would pass this ε (the run's config then holds the rounds it can afford).")
+
+
 class OutputCfg(Section):
     dir: str | None = Field(None, description="Run folder; default runs/<timestamp>-<method>.")
     save_final: bool = Field(True, description="Write the final global weights/adapter under final/.")
@@ -169,6 +182,7 @@ class Config(Section):
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
+    privacy: PrivacyCfg = Field(default_factory=PrivacyCfg)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -189,6 +203,8 @@ class Config(Section):
             raise ValueError(f"lora.adapter: 'adalora' works with federation.method=flora only, got {self.federation.method!r} (accepted: lora)")
         if self.lora.adapter == "adalora" and (self.train.local_steps < 2 or self.lora.rank_patterns):
             raise ValueError("lora.adapter: 'adalora' needs train.local_steps >= 2 (a budgeting phase) and no lora.rank_patterns")
+        if self.privacy.mode == "client" and self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
+            raise ValueError("privacy.mode: 'client' needs privacy.noise_multiplier or privacy.target_epsilon (accepted: e.g. privacy.target_epsilon=3)")
         if self.train.micro_batch_size > self.train.batch_size:
             raise ValueError(f"train.micro_batch_size: {self.train.micro_batch_size} > train.batch_size={self.train.batch_size}")
         return self
@@ -232,9 +248,14 @@ def build_config(raw: dict[str, Any], overrides: list[str]) -> Config:
     for item in overrides:
         apply_override(data, item)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+    if cfg.privacy.mode == "client":
+        from fedlora.federation.privacy import planned
+
+        cfg = planned(cfg)  # σ calibrated and rounds capped by the budget, written into the config the run keeps
+    return cfg
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -64,6 +64,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ("flora", ["mid-checkpoint:1", "mid-round:2"], ()),
     ("fedplora", ["after-checkpoint:1"], ()),
     ("flora", ["mid-round:2"], ("train.precision=bfloat16",)),
+    ("ffa", ["mid-round:2"], ("lora.rank=2", "privacy.mode=client", "privacy.target_epsilon=8", "privacy.clip=0.5")),  # the noise's draws too
 ])
 def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, kills, extra):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -82,7 +83,10 @@ def test_killed_and_resumed_run_is_bit_identical(model_dir, tmp_path, method, ki
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(whole, broken)
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["round-0002", "round-0003"]  # the last two, nothing half-written
-    if extra:  # bfloat16 matrix multiplies: the loss still falls, and the run is not the float32 one
+    if "privacy.mode=client" in extra:  # ε after every round, from the accountant, written once per round
+        eps = [m["privacy"]["epsilon"] for m in without_wall_times(broken)[1:]]
+        assert len(eps) == 3 and eps == sorted(eps) and eps[-1] <= 8
+    if "train.precision=bfloat16" in extra:  # bfloat16 matrix multiplies: the loss still falls, and the run is not the float32 one
         plain = tmp_path / "float32"
         assert main(run_args(model_dir, method, plain)) == 0
         s16, s32 = (json.loads((r / "summary.json").read_text())["global_loss"] for r in (whole, plain))

@@ -148,7 +148,7 @@ def _same_as_simulator(model, name, ranks, tmp_path, monkeypatch, classify=False
     for f, s in zip(records, sim_records, strict=True):
         assert set(s) <= set(f)
         assert f["eval"] == s["eval"]
-        for key in ("bytes_up", "bytes_down", "agg_noise", "init_noise", "weights", "local_rank_sum", "clipped"):
+        for key in ("bytes_up", "bytes_down", "agg_noise", "init_noise", "weights", "local_rank_sum", "clipped", "privacy"):
             assert f.get(key) == s.get(key), key
         for fc, sc in zip(f["clients"], s["clients"], strict=True):
             assert {k: fc[k] for k in sc if k != "padded_fraction"} == {k: v for k, v in sc.items() if k != "padded_fraction"}
@@ -178,6 +178,14 @@ def test_flower_a_wrapper_at_the_seam_clips_as_in_the_simulator_for_every_sums_o
     end bit for bit on the same global model (the wrapper sits in the server half both share)."""
     records = _same_as_simulator(tiny_llama, name, _ranks(name), tmp_path, monkeypatch, extra=["federation.wrappers=[{use: clip, max_norm: 0.05}]"])
     assert any(r.get("clipped") for r in records[1:]), [r.get("clipped") for r in records]
+
+
+def test_flower_client_level_dp_adds_the_simulators_noise_and_reports_the_same_epsilon(tiny_llama, tmp_path, monkeypatch):
+    """privacy.mode=client: the server half both transports share clips, adds the seeded noise and accounts; bit for bit."""
+    records = _same_as_simulator(tiny_llama, "ffa", (2, 2, 2), tmp_path, monkeypatch,
+                                 extra=["privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
+    eps = [r["privacy"]["epsilon"] for r in records[1:]]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]
 
 
 @pytest.mark.parametrize("name", ["flora", "local"])

@@ -37,6 +37,7 @@ def preflight(cfg: Config) -> None:
     )
     method = build_method(cfg.federation.method, setup)
     from fedlora.federation.seam import check_wrappers
+    from fedlora.federation.privacy import privacy_wrappers
     from fedlora.federation.wrappers import build_wrappers
 
-    check_wrappers(method, build_wrappers(cfg.federation.wrappers))
+    check_wrappers(method, build_wrappers(cfg.federation.wrappers) + privacy_wrappers(cfg))

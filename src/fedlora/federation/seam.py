@@ -52,6 +52,7 @@ class Wrapper:
     """
 
     name = "wrapper"
+    setting = ""  # what the refusal names where the config did not list the wrapper itself (privacy.mode)
 
     def begin(self, round: int) -> None:
         """A round starts (a round that failed may have left per-round bookkeeping behind)."""
@@ -134,6 +135,8 @@ def check_wrappers(method: Method, wrappers: list[Wrapper] | tuple[Wrapper, ...]
     if wrappers and not method.sums_only:
         from fedlora.methods.registry import available
 
-        sums = sorted(n for n, cls in available().items() if cls.sums_only)
-        raise WrapperError(f"federation.wrappers: {[w.name for w in wrappers]} act on sums, and {method.name}'s aggregate needs each "
-                         f"client's own factors (accepted: no wrappers, or a sums_only method: {', '.join(sums)})")
+        sums = ", ".join(sorted(n for n, cls in available().items() if cls.sums_only))
+        why = f"{method.name}'s aggregate needs each client's own factors"
+        if own := next((w.setting for w in wrappers if w.setting), None):
+            raise WrapperError(f"{own}, and {why} (accepted: a sums_only method: {sums})")
+        raise WrapperError(f"federation.wrappers: {[w.name for w in wrappers]} act on sums, and {why} (accepted: no wrappers, or a sums_only method: {sums})")

@@ -18,6 +18,7 @@ import psutil
 from fedlora.federation.heads import Heads
 from fedlora.federation.round import Arrival, ServerRound, bounds_of
 from fedlora.federation.seam import check_wrappers
+from fedlora.federation.privacy import privacy_wrappers
 from fedlora.federation.wrappers import build_wrappers
 from fedlora.federation.client import client_evaluate, own_model
 from fedlora.methods.base import ClientPlan, Delta, Kept
@@ -55,7 +56,7 @@ class Server:
         self.heads = Heads(exp.host.initial_head(), [c.id for c in exp.clients], exp.method.personal)
         cfg = exp.cfg
         self.bounds = bounds_of(self.method, cfg.federation.max_update_norm, shrinks_rank=exp.trainer.shrinks_rank)
-        self.wrappers = build_wrappers(cfg.federation.wrappers)  # built once: a wrapper may keep state across rounds
+        self.wrappers = build_wrappers(cfg.federation.wrappers) + privacy_wrappers(cfg)  # built once: a wrapper may keep state across rounds
         check_wrappers(self.method, self.wrappers)
         self.kept: dict[int, Kept] = {}
         """What each client keeps (``Method.keeps``) when the clients run in this process; over Flower it stays on the nodes."""

@@ -8,16 +8,17 @@ FedIT's averages (B̄, Ā) are the next round's adapter; what averaging the fact
 is added to every client's frozen base. The global model W_0 + Σ_t E_t + s B̄ Ā is then the
 FedAvg ideal exactly (agg_noise 0), and every client resumes from it (init_noise 0).
 
-E travels in its cheapest exact form. The K centred pairs are linearly dependent:
+E travels as its own thin SVD with canonical signs (``sum_only_form``), which reveals E and nothing of
+any one client (the centred pairs themselves, with B̄ and Ā, would give back every client's B_k and A_k),
+at its rank or dense where that is smaller. Its rank is at most (K − 1)·r: the K centred pairs are linearly dependent:
 Σ_k p_k (B_k − B̄) = 0, so for any reference client j
 
     Σ_k p_k (B_k − B̄)(A_k − Ā) = Σ_k p_k (B_k − B̄) A_k − 0 · Ā = Σ_{k≠j} p_k (B_k − B̄)(A_k − A_j),
 
-the term of k = j being zero. E is sent as those K − 1 pairs (B_k − B̄)(s p_k (A_k − A_j)) stacked
-at rank (K−1)·r (j: the client of the largest weight), a pair whose difference is exactly zero is
-left out, and nothing at all when every pair is (equal clients, or equal A_k: then the sum is
-exactly zero), or the dense matrix once that is smaller (the paper sends it dense). The identity
-is exact; in floating point the sum equals s Σ_k p_k B_k A_k − s B̄Ā to round-off of the factors.
+the term of k = j being zero. E is computed from those K − 1 pairs (B_k − B̄)(s p_k (A_k − A_j))
+(j: the client of the largest weight); a pair whose difference is exactly zero is left out, and
+nothing is merged when every pair is (equal clients, or equal A_k: then the sum is exactly zero).
+The identity is exact; in floating point E equals s Σ_k p_k B_k A_k − s B̄Ā to round-off.
 
 The bases are held by a ``MergedBase`` (methods.md §4), so a client that skipped rounds catches
 up exactly; a round without a residual on a layer merges nothing there. The paper's code averages
@@ -33,7 +34,7 @@ from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import WEIGHTS
-from fedlora.ops.lowrank import LowRank, Term, smallest_form, stack
+from fedlora.ops.lowrank import LowRank, Term, stack, sum_only_form
 from fedlora.ops.weights import normalised
 
 
@@ -106,4 +107,4 @@ def residual_term(p: list[float], Bs: list[torch.Tensor], As: list[torch.Tensor]
             continue
         terms.append(LowRank(dB, dA))
         coefs.append(scale * p[k])
-    return smallest_form(stack(terms, coefs)) if terms else None  # one pass over the kept pairs
+    return sum_only_form(stack(terms, coefs)) if terms else None  # the residual alone goes down, not the clients' pairs

@@ -8,8 +8,10 @@ The merged base lives in a ``MergedBase``, bounded in the number of rounds (meth
 client that skipped rounds is sent the merges it missed or, once that is the larger message,
 the whole G_t − W_0, before it trains (partial participation), and that counts in its downlink.
 While a round's replies fold in, a stack wider than twice its layer's rank is compressed by a
-float64 thin SVD (``within_layer_rank``); the merge is kept and sent in whichever of the
-low-rank and dense forms is smaller (``smallest_form``: dense once Σr_k (d_out + d_in) ≥ d_out d_in).
+float64 thin SVD (``within_layer_rank``). The merge is kept and sent as its own thin SVD with canonical
+signs (``sum_only_form``), never as the stack: the stack would show every client's B_k and A_k to every
+other client, the SVD shows only Σ p_k s_k B_k A_k, at its rank (≤ Σr_k), exact to float64 round-off, and
+dense once that is smaller (Σr_k (d_out + d_in) ≥ d_out d_in).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fedlora.methods.registry import register
 from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.ops.lowrank import LowRank, smallest_form, stack, within_layer_rank
+from fedlora.ops.lowrank import LowRank, stack, sum_only_form, within_layer_rank
 
 
 @register
@@ -72,9 +74,9 @@ class FLoRA(Folds):
                 acc.layers[name] = [(t.B, t.A, 1.0)]
 
     def commit(self, acc: Sum) -> None:
-        """Merge Σ_k w_k s_k c B_k A_k / Σ_k w_k, one stack (d_out × Σr_k)(Σr_k × d_in) per layer."""
+        """Merge Σ_k w_k s_k c B_k A_k / Σ_k w_k per layer, in the form that reveals only that sum."""
         norm = acc.norm()
-        merged = {name: smallest_form(stacked(pending, norm)) for name, pending in acc.layers.items()}  # no SVD: the dense form is smaller once wider
+        merged = {name: sum_only_form(stacked(pending, norm)) for name, pending in acc.layers.items()}  # the sum alone goes down
         self.merged.merge(merged, acc.clients)
 
     def global_delta(self) -> Delta:

@@ -28,7 +28,7 @@ from fedlora.methods.flora import FLoRA, stacked
 from fedlora.methods.folding import Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.methods.options import WEIGHTS, Option, read_options
-from fedlora.ops.lowrank import LowRank, lowrank_svd, smallest_form
+from fedlora.ops.lowrank import LowRank, canonical_signs, lowrank_svd, smallest_form
 
 DEFAULT_ENERGY = 0.95
 
@@ -75,7 +75,8 @@ class FLoRIST(FLoRA):
             ranks[name] = p
             kept_sq += float((sv[:p].double() ** 2).sum())
             total_sq += float((sv.double() ** 2).sum())
-            merged[name] = smallest_form(LowRank((u[:, :p] * sv[:p]).to(self.setup.dtype), vh[:p].to(self.setup.dtype)))
+            u_p, vh_p = canonical_signs(u[:, :p], vh[:p])  # signs fixed by the sum alone, not by how it was stacked
+            merged[name] = smallest_form(LowRank((u_p * sv[:p]).to(self.setup.dtype), vh_p.to(self.setup.dtype)))
         self.merged.merge(merged, acc.clients)
         dropped = (total_sq - kept_sq) / total_sq if total_sq > 0 else 0.0
         self.last = {"rank_mean": sum(ranks.values()) / len(ranks), "rank_max": max(ranks.values()), "dropped_energy": max(dropped, 0.0)}

@@ -271,6 +271,34 @@ def compress(terms: Sequence[Term], rtol: float = 0.0) -> LowRank:
     return LowRank(u[:, :keep] * sv[:keep], vh[:keep])
 
 
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, vh) with each singular pair's sign fixed by the matrix alone: the largest-magnitude entry of u's column positive.
+
+    An SVD routine's signs depend on the input it was given (here: how a sum was stacked); fixed this way they
+    depend only on the matrix U S Vh (up to rotations inside exactly repeated singular values)."""
+    if u.shape[1] == 0:
+        return u, vh
+    rows = u.abs().argmax(dim=0)
+    signs = torch.sign(u[rows, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    return u * signs, vh * signs[:, None]
+
+
+def sum_only_form(t: LowRank, rtol: float = 1e-12) -> Term:
+    """The product B A in a form that is a function of the product alone, not of the terms it was stacked from.
+
+    A stack [B_1 … B_K][c_1 A_1; …; c_K A_K] sent as it is hands every receiver each client's own B_k and A_k.
+    Its thin SVD (U S, Vh) at its numerical rank (singular values ≤ rtol·σ_max dropped), with canonical signs,
+    computed in float64 and returned in t's dtype, holds the same product and reveals only it: the same for any
+    clients whose weighted products sum to the same matrix, to round-off. It is never wider than the stack, and
+    is dense where that holds fewer numbers (``smallest_form``)."""
+    dtype = t.B.dtype
+    u, sv, vh = lowrank_svd([t.to(torch.float64)])
+    keep = max(1, int((sv > rtol * sv.max()).sum())) if sv.numel() and float(sv.max()) > 0 else 1
+    u, vh = canonical_signs(u[:, :keep], vh[:keep])
+    return smallest_form(LowRank((u * sv[:keep]).to(dtype), vh.to(dtype)))
+
+
 def within_layer_rank(t: LowRank) -> LowRank:
     """The same product at rank ≤ min(d_out, d_in).
 
