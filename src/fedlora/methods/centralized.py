@@ -6,18 +6,16 @@ as a client would; nothing is communicated. The global model is W_0 + s·BA.
 
 from __future__ import annotations
 
-import torch
-
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, fresh_factors
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
-from fedlora.methods.sums import Sums
+from fedlora.methods.sums import SumsBA
 from fedlora.ops.lowrank import LowRank
 
 
 @register
-class Centralized(Sums):
+class Centralized(SumsBA):
     name = "centralized"
     summary = "Reference: one model trained on all clients' data pooled (rank max r_k); no communication."
     options: dict = {}
@@ -41,16 +39,6 @@ class Centralized(Sums):
     def plan(self, client: int, round: int) -> ClientPlan:
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
-
-    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
-        """The one pooled model's B and A (a sum of one, weight 1)."""
-        out = {}
-        for name in self.factors:
-            out[name + ".B"], out[name + ".A"] = u.factors[name].B, u.factors[name].A
-        return out
-
-    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
-        self.factors = {name: Factors(B=means[name + ".B"], A=means[name + ".A"]) for name in self.factors}
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

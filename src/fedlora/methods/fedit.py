@@ -7,18 +7,16 @@ rank and one scale for every client.
 
 from __future__ import annotations
 
-import torch
-
-from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, fresh_factors
 from fedlora.methods.registry import register
 from fedlora.ops.lowrank import LowRank
 from fedlora.methods.checks import one_rank, one_scale
-from fedlora.methods.sums import Sums
+from fedlora.methods.sums import SumsBA
 from fedlora.methods.options import read_options
 
 
 @register
-class FedIT(Sums):
+class FedIT(SumsBA):
     name = "fedit"
     summary = "FedAvg of A and B separately; one shared rank for all clients (inexact product)."
 
@@ -38,17 +36,6 @@ class FedIT(Sums):
     def plan(self, client: int, round: int) -> ClientPlan:
         init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
         return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
-
-    def contribution(self, u: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
-        """B_k and A_k of every layer."""
-        out = {}
-        for name in self.factors:
-            out[name + ".B"], out[name + ".A"] = u.factors[name].B, u.factors[name].A
-        return out
-
-    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
-        """B̄ = Σ w_k B_k / Σ w_k, Ā = Σ w_k A_k / Σ w_k."""
-        self.factors = {name: Factors(B=means[name + ".B"], A=means[name + ".A"]) for name in self.factors}
 
     def global_delta(self) -> Delta:
         return {n: [LowRank(f.B * self.scale, f.A)] for n, f in self.factors.items()}

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedlora.methods.base import ClientUpdate, Method, Setup
+from fedlora.methods.base import ClientUpdate, Method
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.base import ClientUpdate
+from fedlora.methods.base import ClientUpdate, Factors
 from fedlora.methods.folding import Folds, Sum, add_weighted
 
 
@@ -62,3 +62,20 @@ class SumsB(Sums):
 
     def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
         self.B = {name: means[name] for name in self.setup.layers}
+
+
+class SumsBA(Sums):
+    """For methods whose state is one averaged pair per layer (FedIT, the centralized reference): B̄ and Ā."""
+
+    factors: dict[str, Factors]
+
+    def contribution(self, update: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
+        """B_k and A_k of every layer."""
+        out = {}
+        for name in self.factors:
+            out[name + ".B"], out[name + ".A"] = update.factors[name].B, update.factors[name].A
+        return out
+
+    def from_means(self, means: dict[str, torch.Tensor], round: int) -> None:
+        """B̄ = Σ w_k B_k / Σ w_k, Ā = Σ w_k A_k / Σ w_k."""
+        self.factors = {name: Factors(B=means[name + ".B"], A=means[name + ".A"]) for name in self.factors}
