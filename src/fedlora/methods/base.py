@@ -135,7 +135,9 @@ class Method:
     ``client_prepare`` expands what the wire carries compactly (e.g. a seed),
     ``client_regularizer`` adds a training penalty, ``client_finish`` post-processes before upload
     (e.g. pruning). A method whose aggregate is a weighted sum also folds replies in one at a time
-    (``folds``; ``begin``/``fold``/``commit``, methods/folding.py), so the server need not hold them all.
+    (``folds``; ``begin``/``fold``/``commit``, methods/folding.py), so the server need not hold them all; a
+    ``sums_only`` method declares only its contributions and how its state follows from their means
+    (methods/sums.py), and the round's seam (federation/seam.py) does the rest.
     """
 
     name: str
