@@ -14,6 +14,7 @@ keeps the folder a plain adapter (one ``r`` in adapter_config.json, no rank patt
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,11 @@ def save_adapter(host: AdapterHost, delta: Delta, target_modules: list[str], fol
         log.warning("the adapter holds %.1f M numbers, more than the dense update of its layers (%.1f M): `fedlora export --merged` "
                     "writes W_0 + ΔW instead", numbers / 1e6, dense / 1e6)
     with host.adapter(rank, 1.0, target_modules, init=factors, rank_pattern=pattern) as peft_model:
-        peft_model.peft_config["default"].base_model_name_or_path = portable_base_name(Path(base_path))
+        peft_model.peft_config["default"].base_model_name_or_path = base_path  # PEFT reads the base's config from it while saving
         peft_model.save_pretrained(folder, safe_serialization=True)
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": portable_base_name(Path(base_path))}, indent=2,
+                                 sort_keys=True) + "\n")
     as_umask(folder)
     return rank
 
