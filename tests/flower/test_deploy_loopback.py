@@ -171,9 +171,10 @@ def test_flower_deploy_survives_a_killed_supernode_with_node_ranks_own_data_and_
         for c in m["clients"]:
             assert c["bytes_up"] == 4 * c["rank"] * per_rank
             assert c["wire_bytes_up"] == 2 * c["rank"] * per_rank + keys, (c["wire_bytes_up"], 2 * c["rank"] * per_rank + keys)
-    for c in metrics[2]["clients"]:  # the round-1 stack of the two clients that trained: rank 4 + 3
-        assert c["bytes_down"] == 4 * 7 * per_rank
-        assert 2 * 7 * per_rank < c["wire_bytes_down"] < 2 * 7 * per_rank + 4 * keys, c["wire_bytes_down"]
+    for c in metrics[2]["clients"]:  # the round-1 merge of the two clients that trained, at its rank: at most 4 + 3
+        # (one Adam step from B = 0 can leave a B's columns equal up to sign: the sum's SVD drops what adds nothing)
+        assert 4 * 5 * per_rank <= c["bytes_down"] <= 4 * 7 * per_rank and c["bytes_down"] % (4 * 16) == 0, c["bytes_down"]
+        assert c["bytes_down"] / 2 < c["wire_bytes_down"] < c["bytes_down"] / 2 + 4 * keys, c["wire_bytes_down"]
     print(f"\nkill → round 1 took {metrics[1]['wall_s']:.0f} s; run done {time.perf_counter() - t_kill:.0f} s after the kill; "
           f"bf16 uplink wire/table {[round(c['wire_bytes_up'] / c['bytes_up'], 4) for c in metrics[1]['clients']]}, "
           f"downlink {[round(c['wire_bytes_down'] / c['bytes_down'], 4) for c in metrics[2]['clients']]}; lost {metrics[1]['lost']}")
