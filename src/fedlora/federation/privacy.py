@@ -44,8 +44,10 @@ still valid, one below about 0.3."""
 
 def clients_per_round(cfg: Config) -> int:
     """m: the number of clients the server samples each round (federation/server.py ``sample_clients``)."""
+    from fedlora.federation.server import sampled_count  # server.py builds this module's wrapper
+
     f = cfg.federation
-    return min(f.num_clients, max(f.min_clients, int(f.fraction * f.num_clients + 0.5)))
+    return sampled_count(f.num_clients, f.fraction, f.min_clients)
 
 
 @lru_cache(maxsize=256)

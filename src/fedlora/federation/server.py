@@ -29,9 +29,14 @@ def round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
+def sampled_count(num_clients: int, fraction: float, min_clients: int) -> int:
+    """m = max(min_clients, round(fraction·N)), at most N: how many clients a round samples."""
+    return min(num_clients, max(min_clients, round_half_up(fraction * num_clients)))
+
+
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round: int) -> list[int]:
-    """max(min_clients, round(fraction·N)) clients without replacement, seeded by (seed, round)."""
-    m = min(num_clients, max(min_clients, round_half_up(fraction * num_clients)))
+    """``sampled_count`` clients without replacement, seeded by (seed, round)."""
+    m = sampled_count(num_clients, fraction, min_clients)
     rng = np.random.default_rng([seed, round])
     return sorted(int(k) for k in rng.choice(num_clients, size=m, replace=False))
 
