@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded float64 factors, a tiny random Llama for logic tests, offline env."""
+"""Shared fixtures: seeded float64 factors, a tiny random Llama for logic tests, offline env, the example methods installed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import pytest
 import torch
 
 from fedlora.methods.base import ClientUpdate, Factors
+
+from tests.example_methods import install as install_example_methods
+from tests.methods.outside import outside  # noqa: F401 (fixture: a researcher's method module on sys.path)
+
+EXAMPLE_SITE = install_example_methods()  # methods from an installed outside package, in every test that lists the registry
 
 
 @pytest.fixture

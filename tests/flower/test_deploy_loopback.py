@@ -269,3 +269,26 @@ def test_flower_deploy_of_fedsa_keeps_every_b_on_its_node_and_matches_the_simula
         folder = state_dir(loopback.workdir / f"node-{k}" / "state", run_key(run), k)
         assert (folder / "kept-r2.safetensors").is_file() and (folder / "final" / "adapter_model.safetensors").is_file(), folder
     assert not (run / "final").exists() and summary["rounds"] == 2
+
+
+def test_flower_deploy_runs_an_outside_packages_method_that_keeps_state_on_its_nodes(loopback, simulate, tiny_model, tmp_path):
+    """``mixed-personal`` from the installed example package (examples/fedlora-example-methods), named by its entry
+    point: the ServerApp and every SuperNode resolve it by name, each node keeps its own factors in its state folder
+    between rounds and starts from its own mix, and every metrics line equals the in-process simulator's."""
+    overrides = [*FAST, "federation.method=mixed-personal", "lora.ranks=[2,2,2]", f"model.path={tiny_model}"]
+    run = tmp_path / "run"
+    summary = loopback.run(TINY, run, overrides, round_timeout=900)
+    sim = simulate(overrides)
+    flower = {m["round"]: m for m in read_metrics(run)}
+    assert sorted(flower) == sorted(sim["metrics_by_round"]) == [0, 1, 2]
+    for rnd, f in flower.items():
+        s = sim["metrics_by_round"][rnd]
+        assert as_in(f, s) == as_in(s, s), f"round {rnd}"
+    assert len({c["loss"] for c in flower[2]["eval"]["clients"].values()}) == 3  # three models, one per node
+    from fedlora.flower.server_app import run_key
+    from fedlora.flower.state import state_dir
+
+    for k in range(3):
+        folder = state_dir(loopback.workdir / f"node-{k}" / "state", run_key(run), k)
+        assert (folder / "kept-r2.safetensors").is_file(), folder
+    assert summary["rounds"] == 2 and flower[0]["method"] == "mixed-personal"

@@ -12,7 +12,7 @@ from fedlora.methods import REGISTRY, MethodError, Setup, available, build_metho
 from fedlora.methods.flora import FLoRA
 from fedlora.methods.registry import needs_one_rank
 
-from tests.methods.outside import MODULE, fake_entry_points, outside  # noqa: F401 (fixture)
+from tests.methods.outside import fake_entry_points
 
 SETUP = Setup({"l": (6, 5)}, {0: 3, 1: 1}, {0: 2.0, 1: 2.0}, seed=0, dtype=torch.float64)
 

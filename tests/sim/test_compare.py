@@ -15,7 +15,6 @@ import yaml
 from fedlora.cli import main
 from fedlora.config import ConfigError
 from tests.evaluation.tiny_run import TARGETS, tiny_model_dir
-from tests.methods.outside import outside  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)

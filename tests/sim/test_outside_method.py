@@ -5,7 +5,7 @@ import copy
 
 from fedlora.methods import REGISTRY
 
-from tests.methods.outside import fake_entry_points, outside  # noqa: F401 (fixture)
+from tests.methods.outside import fake_entry_points
 from tests.sim.test_simulation import _experiment, _run
 
 

@@ -114,3 +114,13 @@ def test_every_count_zero_weighs_the_clients_uniformly(name, gen):
     assert entry["weights"] == [1 / 3] * 3
     for layer in LAYERS:
         assert rel_err(dense(streamed.global_delta(), layer, LAYERS), dense(batch.global_delta(), layer, LAYERS)) < 1e-12
+
+
+def test_personal_scores_are_averaged_in_client_order_whatever_order_they_arrived_in():
+    """A float sum depends on its order: three losses whose sum rounds differently in two orders."""
+    from fedlora.federation.server import personal_eval
+
+    losses = {0: 5.956104206589033, 1: 5.949246920072115, 2: 1e-16 + 5.952838100282486}
+    orders = [[0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0]]
+    means = {personal_eval({k: {"global": {"loss": losses[k]}, "test": {"loss": 0.0}} for k in order})["global"]["loss"] for order in orders}
+    assert means == {sum(losses[k] for k in (0, 1, 2)) / 3}

@@ -9,7 +9,6 @@ import pytest
 from fedlora.config import ConfigError
 from fedlora.study.spec import load_study
 
-from tests.methods.outside import outside  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -185,7 +185,10 @@ class Server:
 
 
 def personal_eval(scores: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """Each client's own model on its test split, and the mean of their scores on the global split."""
-    on_global = [s["global"] for s in scores.values() if "global" in s]
+    """Each client's own model on its test split, and the mean of their scores on the global split.
+
+    Summed in client order, not in the order the scores arrived: a float sum depends on its order, and the
+    simulator and Flower (replies in any order) must write the same number."""
+    on_global = [s["global"] for _, s in sorted(scores.items()) if "global" in s]
     mean = {k: sum(g[k] for g in on_global) / len(on_global) for k in on_global[0]} if on_global else {"loss": None}
     return {"global": mean, "clients": {str(k): s["test"] for k, s in sorted(scores.items()) if "test" in s}}

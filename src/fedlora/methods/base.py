@@ -123,8 +123,12 @@ class Kind:
     """``Method.kind`` on the class and on an instance: "pooled", "personal" or "global"."""
 
     def __get__(self, obj: Any, cls: type) -> str:
-        held = obj if obj is not None else cls
+        held: Any = obj if obj is not None else cls
         return "pooled" if held.pooled else "personal" if held.personal else "global"
+
+
+def no_reference(method: Any, layer: str, factors: Any, scales: Any, weights: Any) -> torch.Tensor | None:
+    raise NotImplementedError(f"method {method.name!r} brings no reference formula (methods/reference.py)")
 
 
 class Method:
@@ -164,6 +168,13 @@ class Method:
     merges = False  # merges into every client's frozen base each round: ``merged`` is then its MergedBase
     sums_only = False  # the aggregate needs only Σ_k w_k T_k of uploads of one shape, never one client's upload (secure summation)
     kind = Kind()  # "global", "personal" or "pooled": read from ``personal`` and ``pooled``, not declared twice
+    reference: Callable[..., torch.Tensor | None] = no_reference
+    """(method, layer, factors, scales, weights) → the layer's G_1 − W_0 after one round from the start, in dense
+    float64: the formula the contract tests hold the method to. Point it at one of ``methods/reference.py``
+    (``reference = ideal``) or bring your own; every method must (a formula may return None: no one formula)."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
 
     def plan(self, client: int, round: int) -> ClientPlan:
         raise NotImplementedError
@@ -218,6 +229,7 @@ class Method:
 
     def after_load(self) -> None:
         """Drop caches derived from the state once a checkpoint is loaded."""
+
 
 
 def client_prepare(method: Method, plan: ClientPlan) -> ClientPlan:

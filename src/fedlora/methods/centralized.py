@@ -7,6 +7,7 @@ as a client would; nothing is communicated. The global model is W_0 + s·BA.
 from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.reference import first_client
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
@@ -25,6 +26,7 @@ class Centralized(SumsBA):
     sums_only = True  # a sum of one upload, weight 1 (nothing is communicated)
     pooled = True  # the simulator trains client 0 on every client's training split
     communicates = False
+    reference = first_client
     uniform = True  # one upload, weight 1
 
     def __init__(self, setup: Setup) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
@@ -45,11 +46,15 @@ class FedEx(Method):
 
     options = {"weights": WEIGHTS}
     state_keys = ("factors", "merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
+    rank: int  # set by start_one_rank, with scale and uniform
+    scale: float
+    uniform: bool
     ranks = "one"
     scales = "one"
     exact = True  # the residual makes the global model the FedAvg ideal
     merges = True
     sums_only = False  # the residual Σ p_k (B_k − B̄)(A_k − Ā) needs each client's own pair
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         start_one_rank(self, setup)
@@ -69,8 +74,8 @@ class FedEx(Method):
         for name in self.setup.layers:
             Bs = [u.factors[name].B.to(dtype) for u in updates]
             As = [u.factors[name].A.to(dtype) for u in updates]
-            B_bar = sum(pk * B for pk, B in zip(p, Bs))
-            A_bar = sum(pk * A for pk, A in zip(p, As))
+            B_bar = sum((pk * B for pk, B in zip(p, Bs)), torch.zeros_like(Bs[0]))  # 0 + x is x: the same sums as sum()'s
+            A_bar = sum((pk * A for pk, A in zip(p, As)), torch.zeros_like(As[0]))
             new[name] = Factors(B=B_bar, A=A_bar)
             if (term := residual_term(p, Bs, As, B_bar, self.scale)) is not None:
                 residual[name] = term

@@ -8,6 +8,7 @@ rank and one scale for every client.
 from __future__ import annotations
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.reference import means
 from fedlora.methods.registry import register
 from fedlora.ops.lowrank import LowRank
 from fedlora.methods.checks import one_rank, one_scale
@@ -26,6 +27,7 @@ class FedIT(SumsBA):
     scales = "one"
     exact = False  # the product of means is not the mean of products
     sums_only = True  # Σ w_k B_k and Σ w_k A_k
+    reference = means
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

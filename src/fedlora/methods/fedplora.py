@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, fresh_factors
+from fedlora.methods.reference import none
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
@@ -52,6 +53,7 @@ class FedPLoRA(Method):
     scales = "one"  # one s for every module and client
     exact = False  # each module is averaged over the clients that trained it: not Σ p_k s B_k A_k
     sums_only = False  # per-module sums over the clients that chose the module: sums-only once clients upload all R modules with a mask
+    reference = none
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Kept, Setup
+from fedlora.methods.reference import none
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.sums import Sums
@@ -36,12 +37,16 @@ class FedSA(Sums):
 
     options = {"weights": WEIGHTS}
     state_keys = ("A",)
+    rank: int  # set by start_one_rank, with scale and uniform
+    scale: float
+    uniform: bool
     ranks = "one"
     scales = "one"
     exact = False  # no global model to be exact about (agg_noise undefined)
     sums_only = True  # Σ w_k A_k
     personal = True  # no global model: each client is evaluated with its own B_k
     keeps = True  # B_k stays on the client
+    reference = none
 
     def __init__(self, setup: Setup) -> None:
         start_one_rank(self, setup)

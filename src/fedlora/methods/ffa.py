@@ -22,6 +22,7 @@ import zlib
 import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup, plan_for_layers
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.checks import heterogeneous, one_rank, one_scale
 from fedlora.methods.errors import MethodError
@@ -52,6 +53,7 @@ class FFALoRA(SumsB):
     scales = "one"
     exact = True  # A is shared: Σ p_k s B_k A = s B̄ A
     sums_only = True  # Σ w_k B_k
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

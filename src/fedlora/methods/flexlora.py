@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options, WEIGHTS
@@ -49,6 +50,7 @@ class FlexLoRA(Method):
     state_keys = ("delta", "round")
     exact = True  # ΔW_g is Σ p_k s_k B_k A_k, stacked
     sums_only = False  # the stack needs each client's own B_k and A_k
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.options import Option, read_options, WEIGHTS
 from fedlora.methods.folding import Folds, Sum
@@ -40,6 +41,7 @@ class FLoRA(Folds):
     exact = True  # the stack is Σ p_k s_k B_k A_k (with ``scaling`` c = 1)
     merges = True
     sums_only = False  # the product sums need each client's own B_k and A_k
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

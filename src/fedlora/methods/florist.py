@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fedlora.methods.base import ClientUpdate, Setup
+from fedlora.methods.reference import energy_truncated
 from fedlora.methods.registry import register
 from fedlora.methods.flora import FLoRA, stacked
 from fedlora.methods.folding import Sum
@@ -48,6 +49,7 @@ class FLoRIST(FLoRA):
     name = "florist"
     summary = "FLoRA's stack truncated by SVD to the rank holding a fraction τ of its energy; one rank-p pair downloaded."
     exact = False  # the threshold τ < 1 drops energy (τ = 1 is FLoRA's merge, exact)
+    reference = energy_truncated
 
     options = {
         "weights": WEIGHTS,

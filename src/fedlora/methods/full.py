@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from fedlora.methods.base import ClientPlan, Delta, Factors, Setup
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.sums import SumsB
 from fedlora.methods.options import read_options
@@ -33,6 +34,7 @@ class FullFedAvg(SumsB):
     state_keys = ("B",)
     exact = True  # FedAvg of the weights themselves
     sums_only = True  # Σ w_k B_k (B = W − W_0); the clients' ranks and scales are not used (A = I, scale 1)
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

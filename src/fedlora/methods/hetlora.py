@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Regularizer, Setup
+from fedlora.methods.reference import padded_means
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import Option, read_options
@@ -89,6 +90,7 @@ class HetLoRA(Method):
     state_keys = ("glob", "rank", "layer_ranks", "last_weights")
     exact = False  # the product of the padded means holds cross-client terms
     sums_only = False  # w_k ∝ ‖s_k B_k A_k‖_F and the pruned ranks are read from each client's own upload
+    reference = padded_means
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)

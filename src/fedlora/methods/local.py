@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Method, Setup, plan_for_layers
+from fedlora.methods.reference import none
 from fedlora.methods.registry import register
 from fedlora.methods.options import read_options
 from fedlora.ops.lowrank import LowRank, kaiming_A, seeded_generator
@@ -25,6 +26,7 @@ class LocalOnly(Method):
     sums_only = False  # each client's own upload is its model
     personal = True  # evaluated per client with client_delta(k)
     communicates = False
+    reference = none
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

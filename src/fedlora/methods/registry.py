@@ -132,7 +132,7 @@ def _registered(cls: type[Method], where: str) -> type[Method]:
     return register(cls)
 
 
-def _problem(cls: type) -> str | None:
+def _problem(cls: Any) -> str | None:
     """What is wrong with a class's declarations, in one line; None when nothing is."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name or ":" in name:

@@ -18,6 +18,7 @@ import torch
 
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Setup, fresh_factors
+from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.sums import Sums
@@ -37,10 +38,14 @@ class RoLoRA(Sums):
 
     options = {"weights": WEIGHTS}
     state_keys = ("factors",)
+    rank: int  # set by start_one_rank, with scale and uniform
+    scale: float
+    uniform: bool
     ranks = "one"
     scales = "one"
     exact = True  # the factor that did not train is shared: the average of the trained one is exact
     sums_only = True  # Σ w_k B_k (B rounds) or Σ w_k A_k (A rounds)
+    reference = ideal
 
     def __init__(self, setup: Setup) -> None:
         start_one_rank(self, setup)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
+from fedlora.methods.reference import padded_means
 from fedlora.methods.registry import register
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
@@ -40,6 +41,7 @@ class ZeroPad(Folds):
     exact = False  # the product of the padded means holds cross-client terms
     merges = True
     sums_only = False  # sums of padded factors: sums-only once clients upload them padded to R (the uploads differ in shape now)
+    reference = padded_means
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
