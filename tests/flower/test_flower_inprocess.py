@@ -118,7 +118,8 @@ def _flower(exp, setup, tmp_path, monkeypatch, dead=(), resume_from=None, record
     if resume_from is not None:
         done = checkpoint.load(resume_from, server, list(recorded))
     start = done[-1]["round"] if done else 0  # as the ServerApp computes them (server_app.main)
-    strategy = FedLoraStrategy(server, roster, to_yaml(exp.cfg), record, checkpoints=tmp_path / "checkpoints", start_round=start, lines=len(done))
+    keep = lambda entry, lines: checkpoint.save(tmp_path / "checkpoints", server, entry["round"], lines, entry)  # noqa: E731 (as the ServerApp keeps them)
+    strategy = FedLoraStrategy(server, roster, to_yaml(exp.cfg), record, keep=keep, start_round=start, lines=len(done))
     strategy.start(grid, ArrayRecord(), num_rounds=exp.cfg.federation.rounds - start, timeout=5, evaluate_fn=strategy.evaluate)
     exp.flower_server = strategy.server  # what the ServerApp held at the end
     return records, deltas, heads

@@ -17,12 +17,16 @@ import os
 import time
 from logging import INFO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.flower.settings import ENV, RunSettings
+
+if TYPE_CHECKING:
+    from fedlora.methods.base import Delta
 
 for _key, _value in ENV.items():  # before torch / transformers are imported
     os.environ.setdefault(_key, _value)
@@ -65,9 +69,15 @@ def main(grid: Grid, context: Context) -> None:
         run.write_config(cfg)
         run.write_partition(exp.partition_info)
     start = done[-1]["round"] if done else 0  # round 0's checkpoint: start 0 with one line, so round 0 is not recorded again
+    def keep(entry: dict, lines: int) -> None:
+        """After a round's line: its checkpoint, as the simulator writes it (and G_t − W_0 where the settings ask)."""
+        checkpoint.save(run.checkpoints, server, entry["round"], lines, entry)
+        if settings.checkpoint_deltas and entry["round"] > 0:
+            save_delta(server.method.global_delta(), run.checkpoints / f"round-{entry['round']}-delta.safetensors")
+
     strategy = FedLoraStrategy(
         server, roster, to_yaml(cfg), run.record, roll_call_timeout=min(60.0, settings.round_timeout),
-        checkpoints=run.checkpoints, start_round=start, lines=len(done), run_key=run_key(out), deltas=settings.checkpoint_deltas,
+        keep=keep, start_round=start, lines=len(done), run_key=run_key(out),
     )
     trackers = Trackers(cfg.output.trackers, out, cfg)
     run.listeners.append(trackers)
@@ -89,6 +99,18 @@ def main(grid: Grid, context: Context) -> None:
     })
     run.write_summary(summary)
     log(INFO, "fedlora run folder: %s (global loss %s → %s)", out, summary["global_loss"]["before"], summary["global_loss"]["after"])
+
+
+def save_delta(delta: Delta, path: Path) -> None:
+    """G_t − W_0 as its terms (``ops.delta_tensors``: ``<layer>/<j>/B|A``, or ``/W``) in one safetensors file."""
+    from safetensors.torch import save_file
+
+    from fedlora.filemode import as_umask
+    from fedlora.ops.delta_tensors import delta_to_tensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.detach().contiguous().clone() for k, t in delta_to_tensors(delta).items()}, str(path))
+    as_umask(path)
 
 
 def run_key(folder: Path) -> str:

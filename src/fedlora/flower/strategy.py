@@ -7,7 +7,8 @@
 - clients: ``federation.client.client_round`` on the SuperNode (ClientApp);
 - ``aggregate_train``: decode the replies (in sampled order) → ``Server.receive`` each →
   ``Server.close`` (commit, heads, base, evaluation) → a checkpoint, as the simulator writes it;
-- ``evaluate`` (Strategy.start's ``evaluate_fn``): the round's line in metrics.jsonl.
+- ``evaluate`` (Strategy.start's ``evaluate_fn``): the round's line in metrics.jsonl (``record``), then
+  whatever the entry point keeps once a line is written (``keep``: the ServerApp's checkpoint).
 
 A client whose node fails or does not answer within the round timeout is recorded under
 ``lost``, one whose reply fails to decode or validate under ``rejected``; the round goes on with
@@ -22,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -30,15 +30,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedlora.app import checkpoint
 from fedlora.federation.round import Arrival, RoundFailed, start_of
 from fedlora.federation.server import Round, Server, personal_eval
 from fedlora.flower.client_app import RUN
 from fedlora.flower.state import NodeStateError
 from fedlora.flower.records import WireError, message_nbytes, plan_to_records, records_to_update, update_stats
 from fedlora.flower.roster import Roster
-from fedlora.methods.base import Delta
-from fedlora.ops.delta_tensors import delta_to_tensors
 
 __all__ = ["FedLoraStrategy", "RoundFailed"]
 
@@ -58,11 +55,11 @@ class FedLoraStrategy(Strategy):
     """Flower records in, fedlora's server half, Flower records out."""
 
     def __init__(self, server: Server, roster: Roster, cfg_text: str, record: Callable[[dict[str, Any]], None],
-                 roll_call_timeout: float = 60.0, checkpoints: Path | None = None, start_round: int = 0, lines: int = 0,
-                 run_key: str = "run", deltas: bool = False) -> None:
-        self.server, self.roster, self.cfg_text, self.record = server, roster, cfg_text, record
+                 roll_call_timeout: float = 60.0, keep: Callable[[dict[str, Any], int], None] | None = None, start_round: int = 0,
+                 lines: int = 0, run_key: str = "run") -> None:
+        self.server, self.roster, self.cfg_text, self.record, self.keep = server, roster, cfg_text, record, keep
         self.cfg = server.exp.cfg
-        self.roll_call_timeout, self.checkpoints, self.run_key, self.deltas = roll_call_timeout, checkpoints, run_key, deltas
+        self.roll_call_timeout, self.run_key = roll_call_timeout, run_key
         if start_round < 0 or lines != start_round + 1 and (start_round, lines) != (0, 0):  # one line per round 0..start_round, or none yet
             raise ValueError(f"start_round={start_round} with lines={lines}: a run resumed after round t covers t + 1 lines, a new run 0")
         self.start_round, self.lines = start_round, lines  # lines: metrics.jsonl entries so far
@@ -195,7 +192,7 @@ class FedLoraStrategy(Strategy):
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Strategy.start's evaluate_fn: write the round's line (round 0: evaluate first), then the checkpoint."""
+        """Strategy.start's evaluate_fn: write the round's line (round 0: evaluate first), then what the entry point keeps."""
         if server_round == 0:
             if self.lines:
                 return None  # a resumed run, also one from round 0's checkpoint: its round 0 is in metrics.jsonl already
@@ -205,21 +202,9 @@ class FedLoraStrategy(Strategy):
             entry, self.entry = self.entry, None
         self.record(entry)
         self.lines += 1
-        if self.checkpoints is not None:
-            checkpoint.save(self.checkpoints, self.server, entry["round"], self.lines, entry)
-            if self.deltas and entry["round"] > 0:
-                save_delta(self.server.method.global_delta(), self.checkpoints / f"round-{entry['round']}-delta.safetensors")
+        if self.keep is not None:
+            self.keep(entry, self.lines)
         if "eval" not in entry or entry["eval"]["global"]["loss"] is None:
             return None
         return MetricRecord({"global-loss": float(entry["eval"]["global"]["loss"])})
 
-
-def save_delta(delta: Delta, path: Path) -> None:
-    """G_t − W_0 as its terms (``ops.delta_tensors``: ``<layer>/<j>/B|A``, or ``/W``) in one safetensors file."""
-    from safetensors.torch import save_file
-
-    from fedlora.filemode import as_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.detach().contiguous().clone() for k, t in delta_to_tensors(delta).items()}, str(path))
-    as_umask(path)
