@@ -1,5 +1,5 @@
 # make demo : set everything up on a fresh machine, then run the default experiment
-# make test : set everything up, then run the test suite
+# make test : set everything up, then lint (ruff, mypy) and run the test suite
 # make test-beside-deploy: the same while another `fedlora deploy` runs on this machine
 # make bench: the eight benchmarks of bench/ (results in bench/results/*.json); BENCH_QUICK=1 make bench for the small versions;
 #             REFERENCE=/path/to/FederatedLLM (a checkout of the FLoRA paper's code) for bench 8, which says so and skips without it
@@ -10,13 +10,18 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-beside-deploy setup bench clean
+.PHONY: demo test lint test-beside-deploy setup bench clean
 
 demo: $(STAMP)
 	$(VENV)/bin/fedlora run
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# ruff on everything, mypy on the methods, the round and the low-rank algebra (pyproject.toml says which)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples bench tools
+	$(VENV)/bin/mypy
 
 setup: $(STAMP)
 

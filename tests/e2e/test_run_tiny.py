@@ -15,7 +15,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS
 
 
 def fedlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=1800)  # a guard against a hang, not a speed test
 
 
 @pytest.fixture(scope="module")

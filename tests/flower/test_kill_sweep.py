@@ -250,7 +250,7 @@ def test_kill_sweep(transport, target, point, tiny_model, reference, tmp_path):
         said = out.read_text()
         left = _left(tag, roots, 60)
         t_clean = time.monotonic()
-        assert left == [], f"processes of the killed deployment left behind:\n" + "\n".join(left)
+        assert left == [], "processes of the killed deployment left behind:\n" + "\n".join(left)
 
         # 2. what the launcher said: nothing (it was killed), one error line, or a finished run
         assert "Traceback" not in said, said[-4000:]

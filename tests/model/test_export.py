@@ -108,8 +108,9 @@ def test_merged_folder_equals_base_plus_adapter(base, tmp_path):
     for key, w0 in original.items():
         name = key.removesuffix(".weight")
         if name in layers:
-            l = layers[name]
-            expected = w0.double() + l.lora_B["default"].weight.double() @ l.lora_A["default"].weight.double() * l.scaling["default"]
+            layer = layers[name]
+            lora_B, lora_A = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
+            expected = w0.double() + lora_B @ lora_A * layer.scaling["default"]
             assert rel_err(merged[key].double(), expected) < 1e-6 and not torch.equal(merged[key], w0)
         else:
             assert torch.equal(merged[key], w0), key

@@ -59,8 +59,8 @@ def test_report_of_two_runs_overlays_them(tmp_path, capsys):
     assert "| b-fedit | fedit | 1 | 3.0000 → 2.7500 | — | 1.0 | 2.0 | 0.1250 | 0.0000 |" in md
     assert "| 1 | 1 | 2.0000 | 1.2500 | -0.7500 |" in md  # client 1 of run a: rank 1, loss − 1
     # the config says 3 rounds: both stopped early, and the report says so with the way on
-    assert f"**Interrupted after round 2 of 3**" in md and f"`fedlora run --resume {a}` continues it." in md
-    assert f"**Interrupted after round 1 of 3**" in md
+    assert "**Interrupted after round 2 of 3**" in md and f"`fedlora run --resume {a}` continues it." in md
+    assert "**Interrupted after round 1 of 3**" in md
     for name in ("global", "clients", "noise", "similarity"):
         assert (a / f"report-{name}.png").read_bytes().startswith(PNG)
         assert f"(report-{name}.png)" in md

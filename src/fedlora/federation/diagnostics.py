@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta
-from fedlora.ops.lowrank import Dense, LowRank, Term, accumulate, frob_norm
+from fedlora.ops.lowrank import LowRank, Term, accumulate, frob_norm
 
 Weighted = list[tuple[float, Term]]
 
@@ -53,8 +53,9 @@ def _layer_norm(weighted: Weighted, dense: torch.Tensor | None = None) -> float:
         return 0.0
     if dense is None:
         d_out, d_in = terms[0][1].shape
-        if sum(t.rank for _, t in terms) < min(d_out, d_in) and not any(isinstance(t, Dense) for _, t in terms):
-            return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in terms])
+        pairs = [(c, t) for c, t in terms if isinstance(t, LowRank)]
+        if len(pairs) == len(terms) and sum(t.rank for _, t in pairs) < min(d_out, d_in):
+            return frob_norm([LowRank(t.B.to(torch.float64) * c, t.A.to(torch.float64)) for c, t in pairs])
         dense = torch.zeros(d_out, d_in, dtype=torch.float64)
     else:
         dense = dense.clone()
@@ -97,7 +98,7 @@ class IdealSum:
     """
 
     def __init__(self) -> None:
-        self.shared: dict[str, dict[tuple[int, int], tuple[float, LowRank]]] = {}
+        self.shared: dict[str, dict[tuple[int, ...], tuple[float, Term]]] = {}
         self.fresh: dict[str, Weighted] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.total = 0.0

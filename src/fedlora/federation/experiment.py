@@ -119,6 +119,8 @@ def prepare(cfg: Config) -> Experiment:
     dtype = pick_dtype(cfg.model.dtype, device)
     stats = TokenizeStats()
     length = cfg.train.max_length
+    tokenized: list[Any]
+    task: Classification | CausalLM
     if cfg.model.task == "classification":
         labels = label_names_of(examples)
         model, tokenizer = load_classifier(model_dir, len(labels), device, dtype, cfg.seed)

@@ -95,6 +95,7 @@ class Seam:
             self._fold(u, float(count))
 
     def _fold(self, u: ClientUpdate, weight: float) -> None:
+        assert self.acc is not None, "only a folding method folds"
         if not self.method.sums_only:
             self.method.fold(self.acc, u, weight)  # type: ignore[attr-defined]
             return

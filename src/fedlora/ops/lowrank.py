@@ -246,7 +246,7 @@ def seeded_generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def lowrank_svd(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD U diag(S) Vh of Σ_i B_i A_i without the dense d_out × d_in matrix.
 
     With B = [B_1 …] = Q_B R_B and Aᵀ = Q_A R_A: BA = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the SVD of the
@@ -254,10 +254,11 @@ def lowrank_svd(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor, t
     S (k,), Vh (k × d_in), k = min(Σr, d_out, d_in). A sum holding a dense term is
     decomposed densely: it is no larger than its matrix.
     """
-    if any(isinstance(t, Dense) for t in terms):
+    pairs = [t for t in terms if isinstance(t, LowRank)]
+    if len(pairs) < len(terms):  # a dense term
         u, sv, vh = torch.linalg.svd(densify(terms, terms[0].shape, terms[0].tensors()[0].dtype).W, full_matrices=False)
         return u, sv, vh
-    s = stack(terms)
+    s = stack(pairs)
     q_b, r_b = torch.linalg.qr(s.B)  # (d_out × k_b), (k_b × Σr)
     q_a, r_a = torch.linalg.qr(s.A.T)  # (d_in × k_a), (k_a × Σr)
     u_c, sv, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # core (k_b × k_a)
