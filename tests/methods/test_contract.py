@@ -95,3 +95,22 @@ def test_the_round_records_the_weights_the_method_applied(gen):
     entry = finish_round(flora, bounds_of(flora, 1e6), 1, "flora", [0, 1, 2], 1, flora.global_delta(),
                          [Arrival(p, p, u, start_of(flora, p)) for p, u in pairs], lambda *a: None)
     assert entry["weights"] == pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if "weight_cap" in cls.options))
+def test_capped_weights_are_min_of_count_and_cap_for_every_method_that_weighs(name, gen):
+    """``weights: capped``: w_k = min(n_k, cap), applied and recorded as such, whatever the method's algebra."""
+    method = _build(name, weights="capped", weight_cap=25)
+    pairs = _updates(method, gen, [10, 30, 60][: len(method.setup.ranks)])
+    counts = [u.num_examples for _, u in pairs]
+    applied = method.aggregate([u for _, u in pairs], counts, 1)
+    capped = [min(n, 25) for n in counts]
+    assert applied == pytest.approx([w / sum(capped) for w in capped], rel=1e-12), (name, applied)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if "weight_cap" in cls.options))
+def test_capped_weights_without_a_cap_are_one_line(name):
+    from fedlora.methods import MethodError
+
+    with pytest.raises(MethodError, match=r"^federation\.options\.weight_cap: invalid value 0 for .* with weights: capped \(accepted: a number of examples > 0\)$"):
+        _build(name, weights="capped")

@@ -205,11 +205,11 @@ def test_update_without_indices_is_refused(gen):
     "kwargs, message",
     [
         ({"options": {"selection": "last"}}, r"federation.options.selection: invalid value 'last' for fedplora \(accepted: random, first\)"),
-        ({"options": {"weights": "norm"}}, r"federation.options.weights: invalid value 'norm' for fedplora \(accepted: uniform, data\)"),
+        ({"options": {"weights": "norm"}}, r"federation.options.weights: invalid value 'norm' for fedplora \(accepted: uniform, data, capped\)"),
         ({"options": {"modules": 3}}, r"federation.options.modules: invalid value 3 for fedplora \(accepted: an integer >= max lora.ranks = 4"),
         ({"options": {"modules": 4.5}}, r"federation.options.modules: invalid value 4.5"),
         ({"options": {"modules": -1}}, r"federation.options.modules: invalid value -1"),
-        ({"options": {"rank": 4}}, r"federation.options.rank: unknown option for fedplora \(accepted: modules, selection, weights\)"),
+        ({"options": {"rank": 4}}, r"federation.options.rank: unknown option for fedplora \(accepted: modules, selection, weight_cap, weights\)"),
         ({"scales": {0: 2.0, 1: 1.0, 2: 2.0}}, r"^lora.scale: fedplora needs one scale s .* got \[1.0, 2.0\]"),
         ({"rank_patterns": {"v": {0: 1, 1: 1, 2: 1}}}, r"^lora.rank_patterns: fedplora needs"),
     ],

@@ -176,7 +176,7 @@ def test_downlink_and_uplink_are_r_k_times_d_in_plus_d_out(gen):
 
 
 def test_options_and_ranks_are_checked():
-    with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flexlora \(accepted: data, uniform\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flexlora \(accepted: data, uniform, capped\)$"):
         _flex(weights="size")
     with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flexlora \(accepted: weights\)$"):
         _flex(wieghts="data")

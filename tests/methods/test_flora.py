@@ -114,7 +114,7 @@ def test_options_are_checked():
 
     from fedlora.methods import MethodError
 
-    with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flora \(accepted: data, uniform\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flora \(accepted: data, uniform, capped\)$"):
         _flora(weights="size")
     with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: scaling, weights\)$"):
         _flora(wieghts="data")

@@ -67,7 +67,7 @@ def test_clipping_at_the_seam_is_the_hand_computed_clipped_mean_for_every_sums_o
         norms.append(Contribution(0, 1.0, probe.contribution(a.update, 1)).norm())
     C = sorted(norms)[len(norms) // 2]  # the median: about half the clients are scaled down
     clipped, entry, replies = _round(name, [ClipEach(max_norm=C)])
-    weights = [1.0] * len(COUNTS) if clipped.uniform else [float(n) for n in COUNTS]
+    weights = [clipped.weigh(n) for n in COUNTS]
     contributions = [probe.contribution(a.update, 1) for a in replies]
     means = {}
     for key in contributions[0]:
@@ -80,7 +80,7 @@ def test_clipping_at_the_seam_is_the_hand_computed_clipped_mean_for_every_sums_o
     for key in want:
         assert torch.allclose(got[key], want[key], rtol=1e-12, atol=1e-14), key
     assert entry["clipped"] == sorted(k for k, n in enumerate(norms) if n > C) and entry["clipped"]
-    if REGISTRY[name].exact and not clipped.uniform:  # the run measures what clipping costs against the FedAvg ideal
+    if REGISTRY[name].exact and clipped.weighting.policy == "data":  # the run measures what clipping costs against the FedAvg ideal
         assert entry_plain["agg_noise"] < 1e-10 < 1e-3 < entry["agg_noise"]
 
 

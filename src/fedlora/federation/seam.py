@@ -23,7 +23,6 @@ import torch
 from fedlora.config import ConfigError
 from fedlora.methods.base import ClientUpdate, Method
 from fedlora.methods.folding import add_weighted
-from fedlora.ops.weights import data_weights
 
 
 class WrapperError(ConfigError):
@@ -109,7 +108,7 @@ class Seam:
     def finish(self) -> dict[int, float]:
         """Commit the aggregate; each reply's weight as the method applied it, normalised (empty: none applied)."""
         if self.acc is None:
-            applied = self.method.aggregate(self.replies, data_weights(self.counts), self.round) or []
+            applied = self.method.aggregate(self.replies, [float(n) for n in self.counts], self.round) or []  # counts: the method weighs them
             return dict(zip((u.client for u in self.replies), applied))
         every_count_zero = sum(self.counts) == 0
         for u in self.empty:

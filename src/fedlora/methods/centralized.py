@@ -11,6 +11,7 @@ from fedlora.methods.reference import first_client
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
 from fedlora.methods.options import read_options
+from fedlora.ops.weights import Weighting
 from fedlora.methods.sums import SumsBA
 from fedlora.ops.lowrank import LowRank
 
@@ -27,7 +28,7 @@ class Centralized(SumsBA):
     pooled = True  # the simulator trains client 0 on every client's training split
     communicates = False
     reference = first_client
-    uniform = True  # one upload, weight 1
+    weighting = Weighting("uniform")  # one upload, weight 1
 
     def __init__(self, setup: Setup) -> None:
         read_options(self.name, self.options, setup.options)

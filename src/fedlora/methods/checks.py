@@ -34,11 +34,11 @@ def one_scale(method: str, setup: Setup) -> float:
 
 
 def start_one_rank(method, setup: Setup) -> dict:
-    """The start of a one-rank method's ``__init__``: its options read, ``setup``, ``rank``, ``scale``, ``uniform`` set."""
-    from fedlora.methods.options import read_options
+    """The start of a one-rank method's ``__init__``: its options read, ``setup``, ``rank``, ``scale``, ``weighting`` set."""
+    from fedlora.methods.options import read_options, weighting
 
     opts = read_options(method.name, method.options, setup.options)
     method.setup = setup
     method.rank, method.scale = one_rank(method.name, setup), one_scale(method.name, setup)
-    method.uniform = opts.get("weights") == "uniform"
+    method.weighting = weighting(method.name, opts)
     return opts

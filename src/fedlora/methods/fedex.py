@@ -34,9 +34,9 @@ from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import WEIGHTS
+from fedlora.ops.weights import Weighting
+from fedlora.methods.options import WEIGHTING
 from fedlora.ops.lowrank import LowRank, Term, stack, sum_only_form
-from fedlora.ops.weights import normalised
 
 
 @register
@@ -44,11 +44,11 @@ class FedEx(Method):
     name = "fedex"
     summary = "FedIT's averages plus the exact residual s Σ p_k B_k A_k − s B̄Ā merged into every base (exact)."
 
-    options = {"weights": WEIGHTS}
+    options = dict(WEIGHTING)
     state_keys = ("factors", "merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
     rank: int  # set by start_one_rank, with scale and uniform
     scale: float
-    uniform: bool
+    weighting: Weighting
     ranks = "one"
     scales = "one"
     exact = True  # the residual makes the global model the FedAvg ideal
@@ -68,7 +68,7 @@ class FedEx(Method):
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
         """B̄, Ā, and E = Σ_{k≠j} (B_k − B̄)(s p_k (A_k − A_j)) merged into the base (rank ≤ (K−1)·r; none when it is 0)."""
-        p = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
+        p = self.weighting.applied(weights)
         dtype = self.setup.dtype
         new, residual = {}, {}
         for name in self.setup.layers:

@@ -32,9 +32,8 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.reference import none
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
-from fedlora.methods.options import Option, read_options
+from fedlora.methods.options import WEIGHT_CAP, Option, read_options, weighting
 from fedlora.ops.lowrank import LowRank, seeded_generator
-from fedlora.ops.weights import normalised
 from fedlora.methods.similarity import module_similarity
 
 
@@ -45,7 +44,9 @@ class FedPLoRA(Method):
 
     options = {
         "selection": Option("random", "which r_k modules a client trains: random (re-drawn every round) or first", choices=("random", "first")),
-        "weights": Option("uniform", "per-module average: 1/|C_j| (uniform) or p_k renormalised over C_j (data)", choices=("uniform", "data")),
+        "weights": Option("uniform", "per-module average: 1/|C_j| (uniform), or w_k = n_k (data) or min(n_k, weight_cap) (capped) renormalised over C_j",
+                          choices=("uniform", "data", "capped")),
+        "weight_cap": WEIGHT_CAP,
         "modules": Option(0, "number R of one-rank modules per layer; 0 means max lora.ranks", low=0),
     }
 
@@ -76,7 +77,7 @@ class FedPLoRA(Method):
         self.R = self.modules = int(modules) or max_rank
         self.scale = scales[0]
         self.random = opts["selection"] == "random"
-        self.uniform = opts["weights"] == "uniform"
+        self.weighting = weighting(self.name, opts)
         self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.R, setup.seed, setup.dtype)  # round 0: PEFT init for all R modules
         """Per layer (B_g: d_out × R, A_g: R × d_in); module j is (B_g[:, j], A_g[j])."""
 
@@ -116,7 +117,7 @@ class FedPLoRA(Method):
         so a module trained by one client gets coefficient exactly 1 and is copied exactly. If
         every trainer of j has p_k = 0 under ``weights: data``, j is averaged uniformly.
         """
-        weights = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
+        weights = self.weighting.applied(weights)
         chosen = [self._indices_of(u) for u in updates]
         den = torch.zeros(self.R, dtype=torch.float64)
         count = torch.zeros(self.R, dtype=torch.float64)

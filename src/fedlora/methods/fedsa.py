@@ -24,7 +24,8 @@ from fedlora.methods.reference import none
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.sums import Sums
-from fedlora.methods.options import WEIGHTS
+from fedlora.ops.weights import Weighting
+from fedlora.methods.options import WEIGHTING
 from fedlora.ops.lowrank import kaiming_A, seeded_generator
 
 A_KEY = "A_bar:"  # + layer name: the shared factor in the plan's meta (init is built on the client)
@@ -35,11 +36,11 @@ class FedSA(Sums):
     name = "fedsa"
     summary = "Share A (FedAvg), keep each client's B on the client: one personal model per client."
 
-    options = {"weights": WEIGHTS}
+    options = dict(WEIGHTING)
     state_keys = ("A",)
     rank: int  # set by start_one_rank, with scale and uniform
     scale: float
-    uniform: bool
+    weighting: Weighting
     ranks = "one"
     scales = "one"
     exact = False  # no global model to be exact about (agg_noise undefined)

@@ -33,9 +33,8 @@ from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Factors, Metho
 from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.errors import MethodError
-from fedlora.methods.options import read_options, WEIGHTS
+from fedlora.methods.options import read_options, weighting, WEIGHTING
 from fedlora.ops.lowrank import LowRank, lowrank_svd, seeded_generator, stack, truncate
-from fedlora.ops.weights import normalised
 
 
 @register
@@ -44,7 +43,7 @@ class FlexLoRA(Method):
     summary = "Average s_k B_k A_k exactly; each client restarts from the rank-r_k truncated SVD of that global update."
 
     options = {
-        "weights": WEIGHTS,
+        **WEIGHTING,
     }
 
     state_keys = ("delta", "round")
@@ -55,7 +54,7 @@ class FlexLoRA(Method):
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
-        self.uniform = opts["weights"] == "uniform"
+        self.weighting = weighting(self.name, opts)
         self.widest: dict[str, int] = {}  # layer → max_k r_k: the width of the cached SVD
         for name, (d_out, d_in) in setup.layers.items():
             for k in setup.ranks:
@@ -80,7 +79,7 @@ class FlexLoRA(Method):
         return ClientPlan(client=client, round=round, rank=rank, rank_pattern=pattern, scale=scale, init=init)
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], round: int) -> list[float]:
-        weights = [1.0 / len(updates)] * len(updates) if self.uniform else normalised(weights)
+        weights = self.weighting.applied(weights)
         dt = self.setup.dtype  # each upload in the state's dtype before p_k s_k scales its A (bfloat16 uploads: no bfloat16 rounding of p_k s_k A_k)
         self.delta = {
             name: stack([LowRank(u.factors[name].B, u.factors[name].A).to(dt) for u in updates], [u.scale * p for u, p in zip(updates, weights)])

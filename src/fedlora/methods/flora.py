@@ -21,7 +21,7 @@ import torch
 from fedlora.methods.base import ClientPlan, ClientUpdate, Delta, Setup
 from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
-from fedlora.methods.options import Option, read_options, WEIGHTS
+from fedlora.methods.options import Option, read_options, weighting, WEIGHTING
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
 from fedlora.ops.lowrank import LowRank, stack, sum_only_form, within_layer_rank
@@ -33,7 +33,7 @@ class FLoRA(Folds):
     summary = "Stack the clients' factors so the merge equals Σ p_k s_k B_k A_k exactly; fresh adapters each round."
 
     options = {
-        "weights": WEIGHTS,
+        **WEIGHTING,
         "scaling": Option(1.0, "multiplier c on every p_k (the paper's scaling-factor study); c ≠ 1 is inexact by |c − 1|", low=0.0),
     }
 
@@ -46,7 +46,7 @@ class FLoRA(Folds):
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
-        self.uniform = opts["weights"] == "uniform"
+        self.weighting = weighting(self.name, opts)
         self.scaling = float(opts["scaling"])
         if self.scaling != 1.0:
             self.exact = False  # c ≠ 1 scales the merge away from the ideal by |c − 1|
@@ -65,7 +65,7 @@ class FLoRA(Folds):
         to the state's dtype here, before its coefficient scales it: scaled in bfloat16, p_k s_k A_k
         would lose ~1e-3 of itself. In the state's dtype ``to`` is the upload itself.
         """
-        w = 1.0 if self.uniform else float(weight)
+        w = self.weighting.weigh(weight)
         acc.add(u.client, w)
         dt = self.setup.dtype
         for name, (d_out, d_in) in self.setup.layers.items():

@@ -28,7 +28,7 @@ from fedlora.methods.registry import register
 from fedlora.methods.flora import FLoRA, stacked
 from fedlora.methods.folding import Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import WEIGHTS, Option, read_options
+from fedlora.methods.options import Option, read_options, weighting, WEIGHTING
 from fedlora.ops.lowrank import LowRank, canonical_signs, lowrank_svd, smallest_form
 
 DEFAULT_ENERGY = 0.95
@@ -52,14 +52,14 @@ class FLoRIST(FLoRA):
     reference = energy_truncated
 
     options = {
-        "weights": WEIGHTS,
+        **WEIGHTING,
         "energy": Option(DEFAULT_ENERGY, "τ: the share of Σσ² the kept rank p must hold (the paper: 0.80–0.99)", low=0.0, high=1.0),
     }
 
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
-        self.uniform = opts["weights"] == "uniform"
+        self.weighting = weighting(self.name, opts)
         self.scaling = 1.0
         self.energy = float(opts["energy"])
         self.merged = MergedBase(setup.layers, setup.dtype)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedlora.methods.errors import MethodError
+from fedlora.ops.weights import POLICIES, Weighting
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,21 @@ class Option:
         return value
 
 
-WEIGHTS = Option("data", "p_k from example counts (data) or 1/K (uniform)", choices=("data", "uniform"))
-"""The ``weights`` option of every method that may weigh clients either way."""
+WEIGHTS = Option("data", "w_k: the example count n_k (data), 1 (uniform) or min(n_k, weight_cap) (capped)", choices=POLICIES)
+"""The ``weights`` option of every method that may weigh clients either way (ops/weights.py's ``Weighting``)."""
+
+WEIGHT_CAP = Option(0, "with weights: capped, the largest weight in examples (> 0)", low=0)
+
+WEIGHTING = {"weights": WEIGHTS, "weight_cap": WEIGHT_CAP}
+"""The options of a method that weighs clients by a ``Weighting``: ``options = {**WEIGHTING, ...}``."""
+
+
+def weighting(method: str, opts: Mapping[str, Any]) -> Weighting:
+    """The ``Weighting`` the options ask for; ``capped`` without a positive cap is one MethodError line."""
+    policy, cap = opts.get("weights", "data"), float(opts.get("weight_cap", 0))
+    if policy == "capped" and cap <= 0:
+        raise MethodError(f"federation.options.weight_cap: invalid value {opts.get('weight_cap', 0)!r} for {method} with weights: capped (accepted: a number of examples > 0)")
+    return Weighting(policy, cap)
 
 
 def read_options(method: str, spec: Mapping[str, Option], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from fedlora.methods.reference import ideal
 from fedlora.methods.registry import register
 from fedlora.methods.checks import start_one_rank
 from fedlora.methods.sums import Sums
-from fedlora.methods.options import WEIGHTS
+from fedlora.ops.weights import Weighting
+from fedlora.methods.options import WEIGHTING
 from fedlora.ops.lowrank import LowRank
 
 
@@ -36,11 +37,11 @@ class RoLoRA(Sums):
     name = "rolora"
     summary = "Alternate: odd rounds train and average B (A shared), even rounds A (B shared); exact averages."
 
-    options = {"weights": WEIGHTS}
+    options = dict(WEIGHTING)
     state_keys = ("factors",)
     rank: int  # set by start_one_rank, with scale and uniform
     scale: float
-    uniform: bool
+    weighting: Weighting
     ranks = "one"
     scales = "one"
     exact = True  # the factor that did not train is shared: the average of the trained one is exact

@@ -18,13 +18,14 @@ import torch
 
 from fedlora.methods.base import ClientUpdate, Factors
 from fedlora.methods.folding import Folds, Sum, add_weighted
+from fedlora.ops.weights import Weighting
 
 
 class Sums(Folds):
     """A ``sums_only`` method: declares its contributions and how the state follows from their means."""
 
     sums_only = True
-    uniform = False  # every contribution weighs 1 (the ``weights: uniform`` option of a method that has it)
+    weighting = Weighting()  # n_k → w_k (the ``weights`` option of a method that has it)
 
     def contribution(self, update: ClientUpdate, round: int) -> dict[str, torch.Tensor]:
         """The named tensors T_k that this client adds to the round's weighted sums."""
@@ -35,8 +36,8 @@ class Sums(Folds):
         raise NotImplementedError
 
     def weigh(self, weight: float) -> float:
-        """w_k as this method applies it: the example count, or 1 where the method weighs clients uniformly."""
-        return 1.0 if self.uniform else float(weight)
+        """w_k as this method applies it (its ``Weighting``: the example count, 1, or the count capped)."""
+        return self.weighting.weigh(weight)
 
     def begin(self, round: int) -> Sum:
         return Sum(round)

@@ -24,7 +24,7 @@ from fedlora.methods.reference import padded_means
 from fedlora.methods.registry import register
 from fedlora.methods.folding import Folds, Sum
 from fedlora.methods.merged_base import MergedBase
-from fedlora.methods.options import read_options, WEIGHTS
+from fedlora.methods.options import read_options, weighting, WEIGHTING
 from fedlora.ops.lowrank import LowRank, smallest_form
 
 
@@ -34,7 +34,7 @@ class ZeroPad(Folds):
     summary = "Zero-pad every client's factors to the largest rank, average A and B separately, merge B̄Ā; fresh adapters each round."
 
     options = {
-        "weights": WEIGHTS,
+        **WEIGHTING,
     }
 
     state_keys = ("merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
@@ -46,7 +46,7 @@ class ZeroPad(Folds):
     def __init__(self, setup: Setup) -> None:
         opts = read_options(self.name, self.options, setup.options)
         self.setup = setup
-        self.uniform = opts["weights"] == "uniform"
+        self.weighting = weighting(self.name, opts)
         self.merged = MergedBase(setup.layers, setup.dtype)
         # R per layer: the largest rank any client of the setup trains on that layer
         self.max_rank: dict[str, int] = {name: max(setup.rank_of(k, name) for k in setup.ranks) for name in setup.layers}
@@ -59,7 +59,7 @@ class ZeroPad(Folds):
 
     def fold(self, acc: Sum, u: ClientUpdate, weight: float) -> None:
         """Add w_k pad(s_k B_k) and w_k pad(A_k) into the layer's rank-R sums, in place."""
-        w = 1.0 if self.uniform else float(weight)
+        w = self.weighting.weigh(weight)
         acc.add(u.client, w)
         for name, (d_out, d_in) in self.setup.layers.items():
             f, R = u.factors[name], self.max_rank[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 
@@ -22,6 +23,27 @@ def normalised(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
 
 
-def uniform_weights(count: int) -> list[float]:
-    assert count > 0, "no clients"
-    return [1.0 / count] * count
+POLICIES = ("data", "uniform", "capped")
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How client k's example count n_k becomes its weight w_k: written once, for every method that weighs clients.
+
+    - ``data``: n_k (FedAvg's p_k = n_k / Σ n once normalised);
+    - ``uniform``: 1 (every client counts the same);
+    - ``capped``: min(n_k, cap), so that no client weighs more than ``cap`` examples' worth: the bounded
+      weights of DP-FedAvg (McMahan et al., ICLR 2018), and a guard against one client's inflated count.
+    """
+
+    policy: str = "data"
+    cap: float = 0.0
+
+    def weigh(self, count: float) -> float:
+        if self.policy == "uniform":
+            return 1.0
+        return min(float(count), self.cap) if self.policy == "capped" else float(count)
+
+    def applied(self, counts: Sequence[float]) -> list[float]:
+        """The round's weights as applied, normalised to sum 1 (uniform when every weight is 0)."""
+        return normalised([self.weigh(c) for c in counts])
