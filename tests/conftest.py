@@ -18,6 +18,15 @@ from tests.methods.outside import outside  # noqa: F401 (fixture: a researcher's
 EXAMPLE_SITE = install_example_methods()  # methods from an installed outside package, in every test that lists the registry
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module's tests: on tiny shapes extra threads only wait on each other (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -25,13 +25,7 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: extra threads only wait on each other (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: extra threads only wait on each other
 
 
 def _common_shape(path: Path, name: str) -> dict:

@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fedlora.cli import main
 from fedlora.methods import REGISTRY, method_class
 from fedlora.methods.registry import entry_points
-from tests.evaluation.tiny_run import TARGETS, tiny_model_dir
+from tests.evaluation.tiny_run import tiny_config
 from tests.example_methods import NAMES, PACKAGE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
@@ -30,19 +31,8 @@ def fedlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("example-package")
-    cfg = {
-        "model": {"path": str(tiny_model_dir(root / "tiny-llama"))},
-        "lora": {"ranks": [2, 1, 1], "scale": 2.0, "target_modules": TARGETS},
-        "data": {"source": "chatterbot", "partition": "dirichlet", "alpha": 0.5, "max_examples": 60},
-        "federation": {"method": "slot-mean", "rounds": 2, "num_clients": 3},
-        "train": {"local_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 48},
-        "eval": {"batch_size": 8, "max_examples": 6},
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def config(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
+    return tiny_config(tmp_path_factory.mktemp("example-package"), "slot-mean", rounds=2)
 
 
 def test_the_methods_come_from_the_installed_packages_entry_points():
@@ -60,17 +50,6 @@ def test_fedlora_methods_lists_them_with_their_declarations(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in NAMES:
         assert name in proc.stdout and method_class(name).summary[:30] in " ".join(proc.stdout.split())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hidden size 32: threads only wait on each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_fedlora_run_trains_a_heterogeneous_federation_with_the_any_rank_method(config, tmp_path):

@@ -55,6 +55,23 @@ def tiny_model_dir(folder: Path) -> Path:
     return folder
 
 
+def tiny_config(root: Path, method: str = "flora", rounds: int = 1) -> Path:
+    """A YAML config for `fedlora run`/`compare` on a tiny random Llama in ``root``: chatterbot, 3 clients of ranks 2, 1, 1."""
+    import yaml
+
+    cfg = {
+        "model": {"path": str(tiny_model_dir(root / "tiny-llama"))},
+        "lora": {"ranks": [2, 1, 1], "scale": 2.0, "target_modules": TARGETS},
+        "data": {"source": "chatterbot", "partition": "dirichlet", "alpha": 0.5, "max_examples": 60},
+        "federation": {"method": method, "rounds": rounds, "num_clients": 3},
+        "train": {"local_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 48},
+        "eval": {"batch_size": 8, "max_examples": 6},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def tiny_run_dir(folder: Path, base: Path, method: str, ranks: list[int], rounds: int = 2, seed: int = 0) -> tuple[Path, dict]:
     """A run folder whose final/ is ``method`` aggregated over random updates; returns it and the global
     delta (client 0's for a personal method)."""

@@ -178,7 +178,7 @@ def test_downlink_and_uplink_are_r_k_times_d_in_plus_d_out(gen):
 def test_options_and_ranks_are_checked():
     with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flexlora \(accepted: data, uniform, capped\)$"):
         _flex(weights="size")
-    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flexlora \(accepted: weights\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flexlora \(accepted: weight_cap, weights\)$"):
         _flex(wieghts="data")
     with pytest.raises(MethodError, match=r"^lora\.ranks: flexlora cannot give client 1 rank 9 on layer l0\.mlp \(8×9\) \(accepted: 1\.\.8\)$"):
         _flex(ranks={0: 4, 1: 9})

@@ -116,7 +116,7 @@ def test_options_are_checked():
 
     with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for flora \(accepted: data, uniform, capped\)$"):
         _flora(weights="size")
-    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: scaling, weights\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for flora \(accepted: scaling, weight_cap, weights\)$"):
         _flora(wieghts="data")
 
 

@@ -146,7 +146,7 @@ def test_byte_counts_follow_the_table(gen):
 def test_options_are_checked():
     with pytest.raises(MethodError, match=r"^federation\.options\.weights: invalid value 'size' for zeropad \(accepted: data, uniform, capped\)$"):
         _zeropad(weights="size")
-    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for zeropad \(accepted: weights\)$"):
+    with pytest.raises(MethodError, match=r"^federation\.options\.wieghts: unknown option for zeropad \(accepted: weight_cap, weights\)$"):
         _zeropad(wieghts="data")
 
 

@@ -94,3 +94,26 @@ def test_the_closing_table_says_how_many_test_examples_each_loss_is_on():
     text = console.export_text()
     assert "test examples" in text and "24 of 231" in text and "eval.max_examples" in text
     assert any(" 12 " in line and "3.0000" in line for line in text.splitlines())
+
+
+def test_a_dp_runs_summary_and_closing_table_say_the_epsilon_spent_by_its_last_round():
+    """Client-level DP: summary.json holds the accountant's ε after the last round (cumulative), and the closing table says it."""
+    from rich.console import Console
+
+    from fedlora.app.run_dir import summarize
+    from fedlora.report.table import summary_table
+
+    def line(rnd, eps=None):
+        entry = {"round": rnd, "method": "fedit", "eval": {"global": {"loss": 3.0 - rnd / 10}, "clients": {"0": {"loss": 3.0}}}}
+        if rnd:
+            entry.update({"clients": [{"id": 0, "padded_fraction": 0.0}], "bytes_up": 10, "bytes_down": 10, "agg_noise": 0.1, "init_noise": 0.0})
+        if eps is not None:
+            entry["privacy"] = {"epsilon": eps, "delta": 1e-5, "noise_multiplier": 1.1, "clip": 0.5}
+        return entry
+
+    summary = summarize([line(0), line(1, 1.25), line(2, 2.5), line(3, 3.75)], 1.0)
+    assert summary["privacy"] == {"epsilon": 3.75, "delta": 1e-5, "noise_multiplier": 1.1, "clip": 0.5, "rounds": 3}
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary, [2], None))
+    assert "client-level DP: (ε = 3.75, δ = 1e-05) after 3 rounds · σ = 1.1 · C = 0.5" in " ".join(console.export_text().split())  # wrapped to the table
+    assert "privacy" not in summarize([line(0), line(1)], 1.0)  # no DP, no claim

@@ -14,35 +14,15 @@ import yaml
 
 from fedlora.cli import main
 from fedlora.config import ConfigError
-from tests.evaluation.tiny_run import TARGETS, tiny_model_dir
+from tests.evaluation.tiny_run import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hidden size 32: threads only wait on each other, and on a busy machine that wait dominates."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("compare")
-    base = tiny_model_dir(root / "tiny-llama")
-    cfg = {
-        "model": {"path": str(base)},
-        "lora": {"ranks": [2, 1, 1], "scale": 2.0, "target_modules": TARGETS},
-        "data": {"source": "chatterbot", "partition": "dirichlet", "alpha": 0.5, "max_examples": 60},
-        "federation": {"method": "flora", "rounds": 1, "num_clients": 3},
-        "train": {"local_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 48},
-        "eval": {"batch_size": 8, "max_examples": 6},
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def config(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:  # one thread before the module's runs start
+    return tiny_config(tmp_path_factory.mktemp("compare"))
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def summarize(metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "agg_noise_mean": _mean([m["agg_noise"] for m in rounds]),
         "init_noise_mean": _mean([m["init_noise"] for m in rounds]),
         "padded_fraction": _mean(pads),
+        **_privacy(rounds),
         "wall_s": wall_s,
         "peak_rss_mb": peak_rss_mb(),
         **provenance(),
@@ -160,6 +161,12 @@ def provenance() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"fedlora_version": ver, "commit": commit}
+
+
+def _privacy(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client-level DP: the ε spent by the last round (the accountant's, cumulative), δ, σ and C; nothing without DP."""
+    spent = [m["privacy"] for m in rounds if "privacy" in m]
+    return {"privacy": {**spent[-1], "rounds": len(spent)}} if spent else {}
 
 
 def _mean(xs: list[Any]) -> float | None:

@@ -17,6 +17,12 @@ def round_line(entry: dict[str, Any]) -> str:
     return f"round {entry['round']} done" + (f" · global loss {loss:.4f}" if loss is not None else "")
 
 
+def privacy_line(p: dict[str, Any]) -> str:
+    """``client-level DP: (ε = 4.21, δ = 1e-05) after 20 rounds · σ = 1.1 · C = 0.5``: what the run spent."""
+    return (f"client-level DP: (ε = {p['epsilon']:.3g}, δ = {p['delta']:g}) after {p['rounds']} rounds · "
+            f"σ = {p['noise_multiplier']:.4g} · C = {p['clip']:g}")
+
+
 def summary_table(summary: dict[str, Any], ranks: list[int], partition: dict[str, Any] | None = None) -> Table:
     """The closing table; with ``partition`` (partition.json) it says how many test examples each loss is on."""
     table = Table(title=f"fedlora · {summary['method']} · {summary['rounds']} rounds", show_lines=False)
@@ -37,5 +43,6 @@ def summary_table(summary: dict[str, Any], ranks: list[int], partition: dict[str
         f"sent up {mb_up:.1f} MB · down {mb_down:.1f} MB · {noise} · padded {100 * (summary['padded_fraction'] or 0):.1f}% · "
         f"{summary['wall_s']:.0f} s · peak RSS {summary['peak_rss_mb'] / 1024:.1f} GiB"
         + (" · test examples capped by eval.max_examples" if partition else "")
+        + (f"\n{privacy_line(p)}" if (p := summary.get("privacy")) else "")
     )
     return table

@@ -16,36 +16,25 @@ import dataclasses
 import torch
 
 from fedlora.methods import ClientPlan, ClientUpdate, Delta, Factors, Setup
-from fedlora.methods.base import Kept, fresh_factors
-from fedlora.methods.checks import one_rank, one_scale
+from fedlora.methods.base import Kept
+from fedlora.methods.fedit import FedIT
 from fedlora.methods.options import Option, read_options
 from fedlora.methods.reference import none
-from fedlora.methods.sums import SumsBA
 
 
-class MixedPersonal(SumsBA):
+class MixedPersonal(FedIT):
     name = "mixed-personal"
     summary = "FedIT's global factors mixed with each client's own (kept on the client): one personal model per client."
 
     options = {"alpha": Option(0.5, "the share α of the client's own factors in its start (0: FedIT)", low=0.0, high=1.0)}
-    state_keys = ("factors",)
-    ranks = "one"
-    scales = "one"
-    exact = False
-    sums_only = True  # Σ w_k B_k and Σ w_k A_k
     personal = True  # each client is evaluated with its own mix
     keeps = True  # the client's own factors stay on the client
     reference = none  # a personal model per client, checked on the clients
+    # the rest is FedIT's: one rank and one scale, sums only (Σ w_k B_k, Σ w_k A_k), the plan of the shared factors
 
     def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
         self.alpha = read_options(self.name, self.options, setup.options)["alpha"]
-        self.setup = setup
-        self.rank, self.scale = one_rank(self.name, setup), one_scale(self.name, setup)
-        self.factors: dict[str, Factors] = fresh_factors(setup.layers, self.rank, setup.seed, setup.dtype)
-
-    def plan(self, client: int, round: int) -> ClientPlan:
-        init = {n: Factors(f.B.clone(), f.A.clone()) for n, f in self.factors.items()}
-        return ClientPlan(client=client, round=round, rank=self.rank, scale=self.scale, init=init)
 
     def client_start(self, plan: ClientPlan, kept: Kept | None) -> ClientPlan:
         """Client side: α of what the client kept, 1 − α of the global factors (the global ones before its first round)."""
