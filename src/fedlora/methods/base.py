@@ -231,7 +231,6 @@ class Method:
         """Drop caches derived from the state once a checkpoint is loaded."""
 
 
-
 def client_prepare(method: Method, plan: ClientPlan) -> ClientPlan:
     return method.client_prepare(plan)
 
