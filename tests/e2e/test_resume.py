@@ -149,13 +149,20 @@ def _try_lock(path):
     return "locked"
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT at its default, as in a user's terminal, whatever this suite inherited: a suite started in the background
+    (``nohup make test &``) ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_in_one_line_that_names_resume_and_the_run_continues(model_dir, tmp_path):
     import time
 
     out = tmp_path / "run"
     args = [*run_args(model_dir, "flora", out), "federation.rounds=8"]
     env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
     deadline = time.time() + 900  # generous: a busy machine (another deployment beside the suite) is slow, not wrong
     lines = 0
     while time.time() < deadline and proc.poll() is None and lines < 3:
