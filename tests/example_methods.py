@@ -4,6 +4,7 @@ The package is pip-installed, entry points and all, into a folder of its own tha
 ``sys.path`` and on ``PYTHONPATH`` (for the ``fedlora`` processes the tests start, Flower's
 SuperNodes included), before any test module is collected. Its methods then register like the
 package's own, and every test that takes ``sorted(REGISTRY)`` covers them with nothing to edit.
+It builds offline with the environment's own setuptools (in the dev extra).
 """
 
 from __future__ import annotations
