@@ -117,3 +117,20 @@ def test_a_dp_runs_summary_and_closing_table_say_the_epsilon_spent_by_its_last_r
     console.print(summary_table(summary, [2], None))
     assert "client-level DP: (ε = 3.75, δ = 1e-05) after 3 rounds · σ = 1.1 · C = 0.5" in " ".join(console.export_text().split())  # wrapped to the table
     assert "privacy" not in summarize([line(0), line(1)], 1.0)  # no DP, no claim
+
+
+def test_the_compare_table_shows_the_epsilon_spent_only_where_a_run_had_client_dp(tmp_path):
+    from fedlora.report.compare_table import table_rows, write_markdown
+
+    def record(method, eps):
+        summary = {"global_loss": {"before": 3.0, "after": 2.5}, "bytes_up": 1e6, "bytes_down": 1e6, "agg_noise_mean": 0.1,
+                   "init_noise_mean": 0.0, "ranks": [2, 2]}
+        if eps is not None:
+            summary["privacy"] = {"epsilon": eps, "delta": 1e-5, "noise_multiplier": 1.0, "clip": 0.5, "rounds": 2}
+        return {"method": method, "summary": summary, "metrics": [{"round": 0}, {"round": 1, "wall_s": 1.0}, {"round": 2, "wall_s": 1.0}]}
+
+    dp = table_rows([record("fedit", 4.0), record("fedit", 5.0)])
+    assert dp[0]["epsilon"][0] == pytest.approx(4.5)
+    text = write_markdown(dp, tmp_path / "dp.md").read_text()
+    assert "ε spent (client DP)" in text and "4.50 ± 0.71" in text
+    assert "ε spent" not in write_markdown(table_rows([record("fedit", None)]), tmp_path / "plain.md").read_text()

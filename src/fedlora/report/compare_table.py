@@ -26,6 +26,7 @@ COLUMNS: list[tuple[str, str, int]] = [  # key, header, decimals
     ("agg_noise", "mean agg_noise", 4),
     ("init_noise", "mean init_noise", 4),
     ("wall_s_per_round", "wall s / round", 1),
+    ("epsilon", "ε spent (client DP)", 2),  # shown only where a run had privacy.mode: client
 ]
 
 
@@ -41,6 +42,7 @@ def run_values(rec: Record) -> dict[str, float | None]:
         "mb_total": (s["bytes_up"] + s["bytes_down"]) / 1e6,
         "agg_noise": s["agg_noise_mean"], "init_noise": s["init_noise_mean"],
         "wall_s_per_round": statistics.fmean(m["wall_s"] for m in rounds) if rounds else None,
+        "epsilon": (s.get("privacy") or {}).get("epsilon"),
     }
 
 
