@@ -46,7 +46,7 @@ class FedEx(Method):
 
     options = dict(WEIGHTING)
     state_keys = ("factors", "merged.total.version", "merged.total.layers", "merged.recent", "merged.synced")
-    rank: int  # set by start_one_rank, with scale and uniform
+    rank: int  # set by start_one_rank, with scale and weighting
     scale: float
     weighting: Weighting
     ranks = "one"

@@ -38,7 +38,7 @@ class FedSA(Sums):
 
     options = dict(WEIGHTING)
     state_keys = ("A",)
-    rank: int  # set by start_one_rank, with scale and uniform
+    rank: int  # set by start_one_rank, with scale and weighting
     scale: float
     weighting: Weighting
     ranks = "one"

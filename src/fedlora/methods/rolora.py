@@ -39,7 +39,7 @@ class RoLoRA(Sums):
 
     options = dict(WEIGHTING)
     state_keys = ("factors",)
-    rank: int  # set by start_one_rank, with scale and uniform
+    rank: int  # set by start_one_rank, with scale and weighting
     scale: float
     weighting: Weighting
     ranks = "one"
